@@ -1,0 +1,177 @@
+"""Shard format v1: the one module that owns the schema, the writer and the reader of packprep's output.
+
+An output folder is what `datasets.load_from_disk(out)` opens as is and what `trainer/` memory-maps:
+    out/data-00000-of-000NN.arrow   Arrow IPC *stream* files (datasets' on-disk format), uncompressed
+    out/state.json, out/dataset_info.json   the Hugging Face datasets metadata for those files
+    out/packprep.json               manifest (written last, by build.py; a folder without it is unfinished)
+One row per packed sequence; see SCHEMA. Writing costs one pass over the row's bytes (plus sha256);
+reading is a zero-copy memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST = "packprep.json"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("input_ids", pa.list_(pa.int32())),  # the row's tokens, unpadded (len <= seq_len)
+        pa.field("doc_offsets", pa.list_(pa.int32())),  # [0, l1, l1+l2, ..., len(input_ids)] (cu_seqlens)
+        pa.field("seq_lengths", pa.list_(pa.int32())),  # [l1, l2, ...] (TRL's padding-free collator reads this)
+        pa.field("loss_mask", pa.list_(pa.uint8())),  # 1 where the token carries loss
+        pa.field("doc_ids", pa.list_(pa.int64())),  # source document index of each piece
+    ]
+)
+
+# datasets' Features for SCHEMA, as dataset_info.json spells them (datasets >= 4 writes "List").
+_HF_FEATURES = {
+    "input_ids": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "doc_offsets": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "seq_lengths": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "loss_mask": {"feature": {"dtype": "uint8", "_type": "Value"}, "_type": "List"},
+    "doc_ids": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"},
+}
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    """`data-00003-of-00010.arrow`, the names datasets' save_to_disk uses."""
+    return f"data-{index:05d}-of-{num_shards:05d}.arrow"
+
+
+def make_batch(
+    tokens: np.ndarray,
+    row_offsets: np.ndarray,
+    piece_lengths: np.ndarray,
+    row_piece_offsets: np.ndarray,
+    doc_ids: np.ndarray,
+    loss_mask: np.ndarray | None = None,
+) -> pa.RecordBatch:
+    """Build a record batch of rows from flat arrays (no Python loop over rows).
+
+    tokens[row_offsets[r]:row_offsets[r+1]] are row r's tokens; piece_lengths / doc_ids hold one entry per piece,
+    row r owning pieces row_piece_offsets[r]:row_piece_offsets[r+1]. loss_mask (uint8, like tokens) or None (all 1).
+    Example: rows [[a a a b b], [c c c c]] -> piece_lengths [3, 2, 4], row_piece_offsets [0, 2, 3],
+    doc_offsets [[0, 3, 5], [0, 4]].
+    """
+    tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+    row_offsets = np.asarray(row_offsets, dtype=np.int64)
+    piece_lengths = np.asarray(piece_lengths, dtype=np.int32)
+    row_piece_offsets = np.asarray(row_piece_offsets, dtype=np.int64)
+    rows = len(row_offsets) - 1
+    base = row_offsets[0]
+    tok_off = (row_offsets - base).astype(np.int32)
+    tokens = tokens[base : row_offsets[-1]] if base or len(tokens) != row_offsets[-1] else tokens
+    if loss_mask is None:
+        loss_mask = np.ones(len(tokens), dtype=np.uint8)
+    else:
+        loss_mask = np.ascontiguousarray(loss_mask[: len(tokens)] if len(loss_mask) != len(tokens) else loss_mask,
+                                         dtype=np.uint8)
+    # doc_offsets: per row, the running sum of its piece lengths with a leading 0 -> one extra entry per row.
+    p0 = row_piece_offsets[0]
+    piece_off = (row_piece_offsets - p0).astype(np.int32)
+    pl = piece_lengths[p0 : row_piece_offsets[-1]]
+    global_cum = np.concatenate([[0], np.cumsum(pl, dtype=np.int64)])
+    idx = np.arange(len(pl) + rows, dtype=np.int64)
+    row_of_entry = np.repeat(np.arange(rows), np.diff(piece_off) + 1)
+    entry_off = (piece_off + np.arange(rows + 1)).astype(np.int32)
+    local = idx - entry_off[:-1][row_of_entry]  # position of the entry inside its row: 0..npieces
+    piece_at = piece_off[:-1][row_of_entry] + local  # index into global_cum
+    doc_offsets = (global_cum[piece_at] - global_cum[piece_off[:-1]][row_of_entry]).astype(np.int32)
+    arrays = [
+        pa.ListArray.from_arrays(pa.array(tok_off), pa.array(tokens)),
+        pa.ListArray.from_arrays(pa.array(entry_off), pa.array(doc_offsets)),
+        pa.ListArray.from_arrays(pa.array(piece_off), pa.array(pl)),
+        pa.ListArray.from_arrays(pa.array(tok_off), pa.array(loss_mask)),
+        pa.ListArray.from_arrays(pa.array(piece_off),
+                                 pa.array(np.asarray(doc_ids, dtype=np.int64)[p0 : row_piece_offsets[-1]])),
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
+    """Write record batches as one Arrow IPC stream file, atomically (temp name, fsync, rename).
+
+    Returns {"file", "rows", "tokens", "bytes", "sha256"} for the manifest. A crash leaves only a `.tmp` file,
+    which no reader takes for a shard.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    rows = tokens = 0
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_stream(sink, SCHEMA) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+                tokens += len(batch.column(0).values)
+    digest = sha256_file(tmp)
+    if fsync:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size, "sha256": digest}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_shard(path: str | Path) -> pa.Table:
+    """Memory-map one shard as a pyarrow Table (zero copy: pages are read on access)."""
+    with pa.memory_map(str(path), "r") as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def shard_files(out: str | Path) -> list[Path]:
+    """The shard files of an output folder, in order, from state.json (what datasets reads)."""
+    out = Path(out)
+    state = out / "state.json"
+    if not state.exists():
+        raise FileNotFoundError(f"{out} is not a packprep output folder (no state.json); run `packprep build` first")
+    files = [out / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{out}: {len(missing)} shard(s) listed in state.json are missing: {missing[:3]}")
+    return files
+
+
+def write_hf_metadata(out: str | Path, files: list[str], fingerprint: str, description: str = "") -> None:
+    """state.json and dataset_info.json exactly as datasets' save_to_disk lays them out."""
+    out = Path(out)
+    state = {
+        "_data_files": [{"filename": f} for f in files],
+        "_fingerprint": fingerprint[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    info = {"citation": "", "description": description, "features": _HF_FEATURES, "homepage": "", "license": ""}
+    write_json_atomic(out / "dataset_info.json", info)
+    write_json_atomic(out / "state.json", state)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
