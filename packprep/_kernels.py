@@ -1,0 +1,284 @@
+"""Numba kernels of the packing engine: arrays in, arrays out, no validation (that is `packprep.pack`'s job).
+
+Every strategy is split the same way, so the peak memory stays small and each step is easy to check:
+    order = sort_descending(lengths)                     int32[N], O(N + seq_len) counting sort
+    row_of_sorted, rows = <strategy>_assign_rows(...)    int32[N], the row of order[k]
+    row_offsets, doc = gather_rows(order, row_of_sorted) int64[rows + 1], int64[N]
+Rows are numbered in the order they are opened; inside a row, pieces keep the order they were placed in.
+`tests/reference.py` holds the same algorithms in a few lines of plain Python with the same tie-breaking.
+Every kernel also runs as plain Python under NUMBA_DISABLE_JIT=1 (slowly; the tests do this in CI).
+"""
+
+import numba
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------------- sorting
+
+
+@numba.njit(cache=True)
+def counting_sort_descending(lengths, seq_len):
+    """Document indices by length descending, ties by index ascending (stable); lengths in 1..seq_len.
+
+    lengths [3, 5, 3, 1] -> order [1, 0, 2, 3]. O(N + seq_len) time, int32[N] + int64[seq_len + 1] memory.
+    """
+    count_of_length = np.zeros(seq_len + 1, np.int64)
+    for i in range(lengths.size):
+        count_of_length[lengths[i]] += 1
+    next_slot = np.empty(seq_len + 1, np.int64)  # first output slot of each length, longest first
+    slots_taken = 0
+    for length in range(seq_len, 0, -1):
+        next_slot[length] = slots_taken
+        slots_taken += count_of_length[length]
+    order = np.empty(lengths.size, np.int32)
+    for i in range(lengths.size):
+        length = lengths[i]
+        order[next_slot[length]] = i
+        next_slot[length] += 1
+    return order
+
+
+# ---------------------------------------------------------------------------------------------------- ffd
+
+
+@numba.njit(cache=True)
+def _grow_max_tree(max_tree, num_leaves):
+    """The same max-tree with twice the leaves; the new leaves are 0 (rows not opened yet)."""
+    grown = np.zeros(4 * num_leaves, max_tree.dtype)
+    grown[2 * num_leaves : 3 * num_leaves] = max_tree[num_leaves : 2 * num_leaves]
+    for node in range(2 * num_leaves - 1, 0, -1):
+        grown[node] = max(grown[2 * node], grown[2 * node + 1])
+    return grown
+
+
+@numba.njit(cache=True)
+def ffd_assign_rows(lengths, order, seq_len):
+    """First-fit-decreasing: each document (longest first) goes into the lowest-numbered row it fits in.
+
+    A max-tree over the rows' free space finds that row in O(log rows): leaf `num_leaves + r` holds row r's free
+    tokens (0 for rows not opened yet), every inner node the max of its two children, so "leftmost leaf >= need"
+    is one walk from the root. The tree doubles when the rows fill it: memory O(rows), not O(documents).
+    Returns (row_of_sorted int32[N], num_rows).
+    """
+    num_docs = order.size
+    row_of_sorted = np.empty(num_docs, np.int32)
+    num_leaves = 1024
+    free_tree = np.zeros(2 * num_leaves, np.int32)
+    num_rows = 0
+    for k in range(num_docs):
+        need = lengths[order[k]]
+        if free_tree[1] >= need:  # some open row fits: walk down to the leftmost one
+            node = 1
+            while node < num_leaves:
+                node = 2 * node
+                if free_tree[node] < need:
+                    node += 1
+            row = node - num_leaves
+        else:  # open a new row
+            row = num_rows
+            num_rows += 1
+            if row == num_leaves:
+                free_tree = _grow_max_tree(free_tree, num_leaves)
+                num_leaves *= 2
+            node = num_leaves + row
+            free_tree[node] = seq_len
+        free_tree[node] -= need
+        node //= 2
+        while node >= 1:  # restore the max up the path; stop as soon as a node keeps its value
+            largest = max(free_tree[2 * node], free_tree[2 * node + 1])
+            if free_tree[node] == largest:
+                break
+            free_tree[node] = largest
+            node //= 2
+        row_of_sorted[k] = row
+    return row_of_sorted, num_rows
+
+
+# ---------------------------------------------------------------------------------------------------- bfd
+
+
+@numba.njit(cache=True)
+def _first_flag_at_or_after(flag_tree, num_leaves, lowest):
+    """Smallest value v >= lowest whose leaf flag is set, or -1. The tree's inner nodes are OR of children."""
+    node = num_leaves + lowest
+    if flag_tree[node]:
+        return lowest
+    while node > 1:
+        if node % 2 == 0 and flag_tree[node + 1]:  # the right sibling's range lies above: the answer is there
+            node += 1
+            while node < num_leaves:
+                node = 2 * node
+                if not flag_tree[node]:
+                    node += 1
+            return node - num_leaves
+        node //= 2
+    return -1
+
+
+@numba.njit(cache=True)
+def _set_flag(flag_tree, num_leaves, value):
+    node = num_leaves + value
+    while node >= 1 and not flag_tree[node]:
+        flag_tree[node] = 1
+        node //= 2
+
+
+@numba.njit(cache=True)
+def _clear_flag(flag_tree, num_leaves, value):
+    node = num_leaves + value
+    flag_tree[node] = 0
+    node //= 2
+    while node >= 1:
+        either = flag_tree[2 * node] | flag_tree[2 * node + 1]
+        if flag_tree[node] == either:
+            break
+        flag_tree[node] = either
+        node //= 2
+
+
+@numba.njit(cache=True)
+def bfd_assign_rows(lengths, order, seq_len):
+    """Best-fit-decreasing: each document (longest first) goes into the row with the least free space that fits.
+
+    Rows are kept in buckets by free space (1..seq_len-1; full rows leave the buckets). A flag tree over the
+    free-space values finds the smallest non-empty bucket >= need in O(log seq_len). Tie-break: a bucket is a
+    FIFO queue, so among rows with equal free space the one that reached that free space first is used (what TRL's
+    `_pack_bfd` does with its deque, so the rows match TRL's). Returns (row_of_sorted int32[N], num_rows).
+    """
+    num_docs = order.size
+    row_of_sorted = np.empty(num_docs, np.int32)
+    num_leaves = 1
+    while num_leaves < seq_len + 1:
+        num_leaves *= 2
+    flag_tree = np.zeros(2 * num_leaves, np.uint8)
+    bucket_head = np.full(seq_len + 1, -1, np.int32)  # oldest row with this free space
+    bucket_tail = np.full(seq_len + 1, -1, np.int32)  # newest row with this free space
+    next_in_bucket = np.empty(1024, np.int32)  # per row: the next-newer row of its bucket, -1 at the tail
+    num_rows = 0
+    for k in range(num_docs):
+        need = lengths[order[k]]
+        free = _first_flag_at_or_after(flag_tree, num_leaves, need)
+        if free < 0:  # no open row fits: open a new one
+            row = num_rows
+            num_rows += 1
+            if row == next_in_bucket.size:
+                grown = np.empty(2 * next_in_bucket.size, np.int32)
+                grown[: next_in_bucket.size] = next_in_bucket
+                next_in_bucket = grown
+            free = seq_len
+        else:  # take the oldest row of the bucket
+            row = bucket_head[free]
+            bucket_head[free] = next_in_bucket[row]
+            if bucket_head[free] < 0:
+                bucket_tail[free] = -1
+                _clear_flag(flag_tree, num_leaves, free)
+        free -= need
+        if free > 0:  # append the row to its new bucket
+            next_in_bucket[row] = -1
+            if bucket_tail[free] < 0:
+                bucket_head[free] = row
+                _set_flag(flag_tree, num_leaves, free)
+            else:
+                next_in_bucket[bucket_tail[free]] = row
+            bucket_tail[free] = row
+        row_of_sorted[k] = row
+    return row_of_sorted, num_rows
+
+
+# ---------------------------------------------------------------------------------------------------- greedy
+
+
+@numba.njit(cache=True)
+def greedy_assign_rows(lengths, order, seq_len):
+    """The Packing Analysis paper's greedy packing: fill the current row in sorted order, close it at the first
+    document that does not fit (never look back). Returns (row_of_sorted int32[N], num_rows)."""
+    row_of_sorted = np.empty(order.size, np.int32)
+    row = -1
+    used = seq_len  # so the first document opens row 0
+    for k in range(order.size):
+        need = lengths[order[k]]
+        if used + need > seq_len:
+            row += 1
+            used = 0
+        used += need
+        row_of_sorted[k] = row
+    return row_of_sorted, row + 1
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+@numba.njit(cache=True)
+def gather_rows(order, row_of_sorted, num_rows):
+    """Group documents by row: (row_offsets int64[rows + 1], doc int64[N]), pieces in placement order.
+
+    order [1, 0, 2], row_of_sorted [0, 1, 0] -> row_offsets [0, 2, 3], doc [1, 2, 0].
+    """
+    row_offsets = np.zeros(num_rows + 1, np.int64)
+    for k in range(row_of_sorted.size):
+        row_offsets[row_of_sorted[k] + 1] += 1
+    for row in range(num_rows):
+        row_offsets[row + 1] += row_offsets[row]
+    next_slot = row_offsets[:-1].copy()
+    doc = np.empty(order.size, np.int64)
+    for k in range(order.size):
+        row = row_of_sorted[k]
+        doc[next_slot[row]] = order[k]
+        next_slot[row] += 1
+    return row_offsets, doc
+
+
+@numba.njit(cache=True)
+def take_lengths(lengths, doc):
+    """lengths[doc] as int64 (one pass, no int32 temporary)."""
+    piece_length = np.empty(doc.size, np.int64)
+    for p in range(doc.size):
+        piece_length[p] = lengths[doc[p]]
+    return piece_length
+
+
+# ---------------------------------------------------------------------------------------------------- random
+
+
+@numba.njit(cache=True)
+def cut_stream(lengths, doc_order, seq_len):
+    """Concatenate the documents in `doc_order` and cut every `seq_len` tokens; a cut document becomes pieces.
+
+    lengths [3, 4], doc_order [1, 0], seq_len 5 -> rows [doc 1 (0..4), doc 0 (0..1)], [doc 0 (1..3)].
+    Returns (row_offsets, doc, start, length), all int64. Two passes: count the pieces, then fill.
+    """
+    num_pieces = 0
+    total = 0
+    used = 0
+    for k in range(doc_order.size):
+        remaining = lengths[doc_order[k]]
+        total += remaining
+        while remaining > 0:
+            take = min(remaining, seq_len - used)
+            num_pieces += 1
+            remaining -= take
+            used = (used + take) % seq_len
+    num_rows = (total + seq_len - 1) // seq_len
+    row_offsets = np.empty(num_rows + 1, np.int64)
+    doc = np.empty(num_pieces, np.int64)
+    start = np.empty(num_pieces, np.int64)
+    piece_length = np.empty(num_pieces, np.int64)
+    piece = 0
+    row = 0
+    used = 0
+    for k in range(doc_order.size):
+        remaining = lengths[doc_order[k]]
+        offset = 0
+        while remaining > 0:
+            if used == 0:
+                row_offsets[row] = piece
+                row += 1
+            take = min(remaining, seq_len - used)
+            doc[piece] = doc_order[k]
+            start[piece] = offset
+            piece_length[piece] = take
+            piece += 1
+            offset += take
+            remaining -= take
+            used = (used + take) % seq_len
+    row_offsets[num_rows] = num_pieces
+    return row_offsets, doc, start, piece_length
