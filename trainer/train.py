@@ -1,0 +1,278 @@
+"""The training loop: packed varlen batches -> any HF causal LM, AdamW + warmup/cosine, DDP, exact resume.
+
+Loss = (sum of token losses over every micro-batch of every rank) / (global count of loss tokens), so gradient
+accumulation and data parallelism give the gradient of one big batch: the loss-token count is all-reduced before
+any backward (one scalar all-reduce per step), and each micro-batch's summed loss is divided by it (times the world
+size, which DDP's gradient averaging divides back out). Checkpoints hold model, optimizer, scheduler, every rank's
+loader state and the step; `resume` continues with the same batches, and on CPU in fp32 the same losses.
+
+Costs per step: the model's forward/backward over `batch_tokens * grad_accum` tokens per rank, one host sync (the
+logged loss), two scalar all-reduces; the loader assembles a batch with one copy of its tokens (well under 1% of a
+GPU step, benchmarks/bench_train.py). Run data-parallel with torchrun: gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.data import IGNORE_INDEX, PackedShards
+from trainer.model import PRESETS, build_model, model_inputs, num_params
+from trainer.varlen import BACKENDS, resolve_backend
+
+log = logging.getLogger(__name__)
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}  # dense bf16
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    shards: str
+    """packprep output folder (the `packprep build` output) to train on."""
+    model: str = "tiny"
+    """'tiny' / 'small' (Llama-style, random weights, vocabulary sized to the shards), a local model folder, or a
+    hub name."""
+    steps: int = 100
+    """optimizer steps to run in total (a resumed run continues up to this step)."""
+    batch_tokens: int = 8192
+    """token budget of one micro-batch per rank (rows are added while the batch stays within it; >= seq_len)."""
+    grad_accum: int = 1
+    """micro-batches per optimizer step on each rank."""
+    lr: float = 3e-4
+    """peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """linear warmup steps; cosine decay to 10% of lr afterwards."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and norms)."""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value (0: off)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    attn: str = "auto"
+    """attention backend: auto, flash_attn, torch, sdpa."""
+    bf16: bool | None = None
+    """bf16 autocast (default: on for cuda, off for cpu)."""
+    seed: int = 0
+    """seed of the data order and of the preset models' initial weights."""
+    ckpt: str | None = None
+    """checkpoint folder (last.pt is written there every ckpt_every steps and at the end); None: no checkpoints."""
+    ckpt_every: int = 0
+    """steps between checkpoints (0: only at the end)."""
+    resume: bool = False
+    """continue from <ckpt>/last.pt."""
+    log_every: int = 1
+    """steps between log lines."""
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.warmup_steps < 0 or self.ckpt_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, ckpt_every, grad_clip and weight_decay must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: choose cpu, cuda or auto")
+        if self.attn not in BACKENDS:
+            raise ValueError(f"attn={self.attn!r}: choose one of {', '.join(BACKENDS)}")
+        if self.resume and not self.ckpt:
+            raise ValueError("--resume needs --ckpt DIR (the folder holding last.pt)")
+
+
+def lr_lambda(warmup: int, total: int, floor: float = 0.1):
+    """Linear warmup to 1, then cosine to `floor` at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def loss_sum(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss; labels unshifted (HF convention), same leading shape as input_ids ([1, T] or [B, L])."""
+    logits = model(**inputs).logits
+    return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), labels[..., 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train_step(model, optimizer, micro: list[tuple[dict, torch.Tensor]], *, device: torch.device, bf16: bool,
+               grad_clip: float = 1.0) -> dict:
+    """One optimizer step over this rank's micro-batches [(model kwargs, labels), ...] (already on `device`).
+
+    Returns {"loss": global mean loss over loss tokens, "loss_tokens": global count}. The caller steps the scheduler.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    count = torch.tensor(float(sum(int((y[..., 1:] != IGNORE_INDEX).sum()) for _, y in micro)), device=device)
+    if world > 1:
+        dist.all_reduce(count)
+    denom = count.clamp(min=1.0) / world  # DDP averages gradients over ranks: undo it
+    total = torch.zeros((), device=device)
+    for i, (inputs, labels) in enumerate(micro):
+        sync = i == len(micro) - 1 or world == 1
+        ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else _null()
+        with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            part = loss_sum(model, inputs, labels)
+        (part / denom).backward()
+        total += part.detach()
+    if world > 1:
+        dist.all_reduce(total)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(total / count.clamp(min=1.0)), "loss_tokens": int(count)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
+    dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def _stream(ds: PackedShards):
+    """Batches forever: the rest of the current epoch, then whole epochs."""
+    while True:
+        yield from ds
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _vocab_for(ds: PackedShards) -> int:
+    return -(-(ds.max_token_id() + 1) // 64) * 64  # round up to a multiple of 64
+
+
+def train(cfg: TrainConfig, echo=print) -> list[dict]:
+    """Run training; returns the logged metrics of rank 0 (one dict per logged step)."""
+    rank, world, device = _setup_distributed(cfg.device)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    say = echo if rank == 0 else (lambda *a, **k: None)
+    ds = PackedShards(cfg.shards, cfg.batch_tokens, seed=cfg.seed, rank=rank, world_size=world)
+    if ds.num_batches() == 0:
+        raise ValueError(f"{cfg.shards} yields no batch per rank ({ds.num_rows} rows, {world} ranks)")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.attn, vocab_size=_vocab_for(ds) if cfg.model in PRESETS else None)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if ds.max_token_id() >= vocab:
+        raise ValueError(f"the shards hold token id {ds.max_token_id()} but {cfg.model} has {vocab} embeddings; "
+                         "train with the model whose tokenizer built the shards")
+    model.to(device).train()
+    backend = resolve_backend(cfg.attn, device, torch.bfloat16 if bf16 else torch.float32)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    step = 0
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        if not (ckpt / "last.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt / 'last.pt'}")
+        state = torch.load(ckpt / "last.pt", map_location="cpu", weights_only=False)
+        if len(state["loader"]) != world:
+            raise ValueError(f"checkpoint was written by {len(state['loader'])} ranks, this run has {world}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ds.load_state_dict(state["loader"][rank])
+        step = state["step"]
+        say(f"resumed from {ckpt / 'last.pt'} at step {step}")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    n_params = num_params(model)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
+                None)
+    cfgm = model.config
+    attn_flops = 6 * cfgm.num_hidden_layers * cfgm.num_attention_heads * getattr(
+        cfgm, "head_dim", cfgm.hidden_size // cfgm.num_attention_heads)
+    say(f"model {cfg.model}: {n_params / 1e6:.1f}M params (non-embedding), attention {backend}, "
+        f"{'bf16' if bf16 else 'fp32'}, {device}, {world} rank(s); data {ds.num_rows} rows, {ds.num_tokens} tokens, "
+        f"{ds.num_batches()} batches/rank/epoch")
+    batches = _stream(ds)
+    metrics: list[dict] = []
+
+    def save():
+        loaders = [None] * world
+        if world > 1:
+            dist.all_gather_object(loaders, ds.state_dict())
+        else:
+            loaders = [ds.state_dict()]
+        if rank == 0:
+            _save(ckpt / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "loader": loaders, "step": step,
+                                     "config": dataclasses.asdict(cfg)})
+
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        micro, tokens, flops = [], 0, 0.0
+        for _ in range(cfg.grad_accum):
+            b = next(batches)
+            tokens += b.num_tokens
+            lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).double()
+            flops += 6 * n_params * b.num_tokens + attn_flops * float((lens * lens).sum()) / 2
+            b = b.to(device)
+            micro.append((model_inputs(b), b.labels.unsqueeze(0)))
+        t_data = time.perf_counter() - t0
+        out = train_step(net, optimizer, micro, device=device, bf16=bf16, grad_clip=cfg.grad_clip)
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        m = {"step": step, "loss": out["loss"], "lr": scheduler.get_last_lr()[0], "tokens": tokens * world,
+             "tok_s": tokens * world / dt, "fill": tokens / (cfg.batch_tokens * cfg.grad_accum),
+             "loss_frac": out["loss_tokens"] / (tokens * world), "data_s": t_data, "step_s": dt}
+        if peak:
+            m["mfu"] = flops / dt / peak
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.append(m)
+            say(f"step {step:>6} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tok_s']:,.0f} tok/s | "
+                f"fill {m['fill']:.1%} | loss tokens {m['loss_frac']:.1%}"
+                + (f" | mfu {m['mfu']:.1%}" if "mfu" in m else "") + f" | {dt * 1e3:.0f} ms")
+        if ckpt is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
+            save()
+    if world > 1:
+        dist.barrier()
+    return metrics

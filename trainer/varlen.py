@@ -1,0 +1,138 @@
+"""Variable-length (per-document) causal attention over flat (T, H, D) tensors, with three interchangeable backends.
+
+- `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), when the package is installed.
+- `torch`: PyTorch's own FA2 varlen kernel, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16).
+- `sdpa`: a per-document loop over `scaled_dot_product_attention`, the reference that runs anywhere (CPU, fp32).
+`auto` takes the first one that can run the given tensors, in that order, and logs its choice once.
+
+The fused kernels cost O(sum of doc_len^2 * H * D) work and O(T) memory: no mask tensor, no padding; the reference
+costs one kernel launch per document. Legend: T tokens, H query heads, Hkv key/value heads (GQA: H % Hkv == 0),
+D head dim, N documents.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "flash_attn", "torch", "sdpa")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # ImportError, or a broken build (undefined symbol) -> treat as absent
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen():
+    """(varlen_attn, its parameter names) or None where this torch has no varlen kernel."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """Backends that can run tensors of this device and dtype, fastest first."""
+    device = torch.device(device)
+    fused_ok = device.type == "cuda" and dtype in _HALF
+    found = []
+    if fused_ok and _flash_attn_func() is not None:
+        found.append("flash_attn")
+    if fused_ok and _torch_varlen() is not None:
+        found.append("torch")
+    return found + ["sdpa"]
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The concrete backend `backend` means for tensors of this device/dtype; raises if it cannot run them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    found = available_backends(device, dtype)
+    if backend == "auto":
+        chosen = found[0]
+        key = (str(torch.device(device).type), chosen)
+        if key not in _logged:
+            _logged.add(key)
+            log.info("varlen attention: auto picked %r for %s %s (available: %s)", chosen, key[0], dtype, found)
+        return chosen
+    if backend not in found:
+        why = ("flash-attn is not installed (pip install flash-attn)" if backend == "flash_attn" and
+               _flash_attn_func() is None else
+               "torch.nn.attention.varlen is missing (needs torch >= 2.10)" if backend == "torch" and
+               _torch_varlen() is None else f"it needs CUDA tensors in fp16/bf16, got {torch.device(device).type} "
+               f"{dtype}")
+        raise ValueError(f"attention backend {backend!r} cannot run here: {why}; use --attn auto or sdpa")
+    return backend
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     causal: bool = True, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Attention of every token over its own document only; q (T, H, D), k/v (T, Hkv, D) -> (T, H, D).
+
+    cu_seqlens: int32 [N+1] document boundaries, e.g. lengths [3, 2, 4] -> [0, 3, 5, 9]; max_seqlen: longest length.
+    """
+    assert q.ndim == 3 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[1] % k.shape[1] == 0, (
+        q.shape, k.shape, v.shape)
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if cu_seqlens.dtype != torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    max_seqlen = int(max_seqlen)
+    if backend == "flash_attn":
+        return _flash_attn_func()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
+                                  causal=causal)
+    if backend == "torch":
+        return _torch_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return sdpa_reference(q, k, v, cu_seqlens, causal, scale)
+
+
+def _torch_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    """torch.nn.attention.varlen.varlen_attn across its versions: 2.9/2.10 take `is_causal`, later ones
+    `window_size=(-1, 0)` for causal; `enable_gqa` and `scale` are used where the installed version has them."""
+    varlen_attn, params = _torch_varlen()
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif "is_causal" in params:
+        kwargs["is_causal"] = causal
+    elif causal:
+        raise ValueError("this torch's varlen_attn has neither window_size nor is_causal; use --attn sdpa")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:  # the kernel uses 1/sqrt(D): fold the rest of the factor into q
+            q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def sdpa_reference(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """One `scaled_dot_product_attention` per document (obviously per-document; one host sync for the offsets)."""
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+        if groups > 1:
+            kd, vd = kd.repeat_interleave(groups, dim=0), vd.repeat_interleave(groups, dim=0)
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
