@@ -1,9 +1,10 @@
 """Numba kernels of the packing engine: arrays in, arrays out, no validation (that is `packprep.pack`'s job).
 
 Every strategy is split the same way, so the peak memory stays small and each step is easy to check:
-    order = sort_descending(lengths)                     int32[N], O(N + seq_len) counting sort
-    row_of_sorted, rows = <strategy>_assign_rows(...)    int32[N], the row of order[k]
-    row_offsets, doc = gather_rows(order, row_of_sorted) int64[rows + 1], int64[N]
+    order, run_need, run_size = counting_sort_descending(lengths, seq_len)   int32[N], O(N + seq_len)
+    row_of_sorted, rows = <strategy>_assign_rows(run_need, run_size, seq_len) int32[N], the row of order[k]
+    row_offsets, doc, length = gather_rows(order, row_of_sorted, ...)         int64[rows + 1], int64[N] x2
+The sorted lengths travel as runs (length, count), so no pass looks a length up in document order.
 Rows are numbered in the order they are opened; inside a row, pieces keep the order they were placed in.
 `tests/reference.py` holds the same algorithms in a few lines of plain Python with the same tie-breaking.
 Every kernel also runs as plain Python under NUMBA_DISABLE_JIT=1 (slowly; the tests do this in CI).
@@ -19,22 +20,34 @@ import numpy as np
 def counting_sort_descending(lengths, seq_len):
     """Document indices by length descending, ties by index ascending (stable); lengths in 1..seq_len.
 
-    lengths [3, 5, 3, 1] -> order [1, 0, 2, 3]. O(N + seq_len) time, int32[N] + int64[seq_len + 1] memory.
+    Also returns the sorted lengths as runs, so later passes never look lengths up in document order (a cache
+    miss per document): lengths [3, 5, 3, 1] -> order [1, 0, 2, 3], run_need [5, 3, 1], run_size [1, 2, 1].
+    O(N + seq_len) time; int32[N] + O(seq_len) memory.
     """
     count_of_length = np.zeros(seq_len + 1, np.int64)
     for i in range(lengths.size):
         count_of_length[lengths[i]] += 1
     next_slot = np.empty(seq_len + 1, np.int64)  # first output slot of each length, longest first
     slots_taken = 0
+    num_runs = 0
     for length in range(seq_len, 0, -1):
         next_slot[length] = slots_taken
         slots_taken += count_of_length[length]
+        num_runs += count_of_length[length] > 0
+    run_need = np.empty(num_runs, np.int32)
+    run_size = np.empty(num_runs, np.int64)
+    run = 0
+    for length in range(seq_len, 0, -1):
+        if count_of_length[length] > 0:
+            run_need[run] = length
+            run_size[run] = count_of_length[length]
+            run += 1
     order = np.empty(lengths.size, np.int32)
     for i in range(lengths.size):
         length = lengths[i]
         order[next_slot[length]] = i
         next_slot[length] += 1
-    return order
+    return order, run_need, run_size
 
 
 # ---------------------------------------------------------------------------------------------------- ffd
@@ -51,45 +64,59 @@ def _grow_max_tree(max_tree, num_leaves):
 
 
 @numba.njit(cache=True)
-def ffd_assign_rows(lengths, order, seq_len):
+def _leftmost_at_least(max_tree, num_leaves, node, need):
+    """Descend from `node` (whose max is >= need) to its leftmost leaf >= need; branch-free per level."""
+    while node < num_leaves:
+        node = 2 * node
+        node += max_tree[node] < need
+    return node
+
+
+@numba.njit(cache=True)
+def ffd_assign_rows(run_need, run_size, seq_len):
     """First-fit-decreasing: each document (longest first) goes into the lowest-numbered row it fits in.
 
     A max-tree over the rows' free space finds that row in O(log rows): leaf `num_leaves + r` holds row r's free
     tokens (0 for rows not opened yet), every inner node the max of its two children, so "leftmost leaf >= need"
     is one walk from the root. The tree doubles when the rows fill it: memory O(rows), not O(documents).
+    Documents of equal length come in runs; within a run the first fit never moves left (rows only lose space),
+    so the search starts at the previous document's row and climbs only as far as it must: mostly O(1).
     Returns (row_of_sorted int32[N], num_rows).
     """
-    num_docs = order.size
-    row_of_sorted = np.empty(num_docs, np.int32)
+    row_of_sorted = np.empty(run_size.sum(), np.int32)
     num_leaves = 1024
     free_tree = np.zeros(2 * num_leaves, np.int32)
     num_rows = 0
-    for k in range(num_docs):
-        need = lengths[order[k]]
-        if free_tree[1] >= need:  # some open row fits: walk down to the leftmost one
-            node = 1
-            while node < num_leaves:
-                node = 2 * node
-                if free_tree[node] < need:
-                    node += 1
-            row = node - num_leaves
-        else:  # open a new row
-            row = num_rows
-            num_rows += 1
-            if row == num_leaves:
-                free_tree = _grow_max_tree(free_tree, num_leaves)
-                num_leaves *= 2
-            node = num_leaves + row
-            free_tree[node] = seq_len
-        free_tree[node] -= need
-        node //= 2
-        while node >= 1:  # restore the max up the path; stop as soon as a node keeps its value
-            largest = max(free_tree[2 * node], free_tree[2 * node + 1])
-            if free_tree[node] == largest:
-                break
-            free_tree[node] = largest
-            node //= 2
-        row_of_sorted[k] = row
+    k = 0
+    for run in range(run_need.size):
+        need = run_need[run]
+        leaf = 1  # no row of this run yet: search from the root
+        for _ in range(run_size[run]):
+            if free_tree[1] < need:  # no open row fits
+                leaf = -1
+            elif leaf == 1:
+                leaf = _leftmost_at_least(free_tree, num_leaves, 1, need)
+            elif free_tree[leaf] < need:  # the run's previous row is full now: climb right of it, walk down
+                while leaf % 2 == 1 or free_tree[leaf + 1] < need:
+                    leaf //= 2  # the root fits, so a right sibling that fits exists on the way up
+                leaf = _leftmost_at_least(free_tree, num_leaves, leaf + 1, need)
+            if leaf < 0:  # open a new row
+                if num_rows == num_leaves:
+                    free_tree = _grow_max_tree(free_tree, num_leaves)
+                    num_leaves *= 2
+                leaf = num_leaves + num_rows
+                free_tree[leaf] = seq_len
+                num_rows += 1
+            free_tree[leaf] -= need
+            node = leaf // 2
+            while node >= 1:  # restore the max up the path; stop as soon as a node keeps its value
+                largest = max(free_tree[2 * node], free_tree[2 * node + 1])
+                if free_tree[node] == largest:
+                    break
+                free_tree[node] = largest
+                node //= 2
+            row_of_sorted[k] = leaf - num_leaves
+            k += 1
     return row_of_sorted, num_rows
 
 
@@ -136,7 +163,7 @@ def _clear_flag(flag_tree, num_leaves, value):
 
 
 @numba.njit(cache=True)
-def bfd_assign_rows(lengths, order, seq_len):
+def bfd_assign_rows(run_need, run_size, seq_len):
     """Best-fit-decreasing: each document (longest first) goes into the row with the least free space that fits.
 
     Rows are kept in buckets by free space (1..seq_len-1; full rows leave the buckets). A flag tree over the
@@ -144,8 +171,7 @@ def bfd_assign_rows(lengths, order, seq_len):
     FIFO queue, so among rows with equal free space the one that reached that free space first is used (what TRL's
     `_pack_bfd` does with its deque, so the rows match TRL's). Returns (row_of_sorted int32[N], num_rows).
     """
-    num_docs = order.size
-    row_of_sorted = np.empty(num_docs, np.int32)
+    row_of_sorted = np.empty(run_size.sum(), np.int32)
     num_leaves = 1
     while num_leaves < seq_len + 1:
         num_leaves *= 2
@@ -154,33 +180,36 @@ def bfd_assign_rows(lengths, order, seq_len):
     bucket_tail = np.full(seq_len + 1, -1, np.int32)  # newest row with this free space
     next_in_bucket = np.empty(1024, np.int32)  # per row: the next-newer row of its bucket, -1 at the tail
     num_rows = 0
-    for k in range(num_docs):
-        need = lengths[order[k]]
-        free = _first_flag_at_or_after(flag_tree, num_leaves, need)
-        if free < 0:  # no open row fits: open a new one
-            row = num_rows
-            num_rows += 1
-            if row == next_in_bucket.size:
-                grown = np.empty(2 * next_in_bucket.size, np.int32)
-                grown[: next_in_bucket.size] = next_in_bucket
-                next_in_bucket = grown
-            free = seq_len
-        else:  # take the oldest row of the bucket
-            row = bucket_head[free]
-            bucket_head[free] = next_in_bucket[row]
-            if bucket_head[free] < 0:
-                bucket_tail[free] = -1
-                _clear_flag(flag_tree, num_leaves, free)
-        free -= need
-        if free > 0:  # append the row to its new bucket
-            next_in_bucket[row] = -1
-            if bucket_tail[free] < 0:
-                bucket_head[free] = row
-                _set_flag(flag_tree, num_leaves, free)
-            else:
-                next_in_bucket[bucket_tail[free]] = row
-            bucket_tail[free] = row
-        row_of_sorted[k] = row
+    k = 0
+    for run in range(run_need.size):
+        need = run_need[run]
+        for _ in range(run_size[run]):
+            free = _first_flag_at_or_after(flag_tree, num_leaves, need)
+            if free < 0:  # no open row fits: open a new one
+                row = num_rows
+                num_rows += 1
+                if row == next_in_bucket.size:
+                    grown = np.empty(2 * next_in_bucket.size, np.int32)
+                    grown[: next_in_bucket.size] = next_in_bucket
+                    next_in_bucket = grown
+                free = seq_len
+            else:  # take the oldest row of the bucket
+                row = bucket_head[free]
+                bucket_head[free] = next_in_bucket[row]
+                if bucket_head[free] < 0:
+                    bucket_tail[free] = -1
+                    _clear_flag(flag_tree, num_leaves, free)
+            free -= need
+            if free > 0:  # append the row to its new bucket
+                next_in_bucket[row] = -1
+                if bucket_tail[free] < 0:
+                    bucket_head[free] = row
+                    _set_flag(flag_tree, num_leaves, free)
+                else:
+                    next_in_bucket[bucket_tail[free]] = row
+                bucket_tail[free] = row
+            row_of_sorted[k] = row
+            k += 1
     return row_of_sorted, num_rows
 
 
@@ -188,19 +217,22 @@ def bfd_assign_rows(lengths, order, seq_len):
 
 
 @numba.njit(cache=True)
-def greedy_assign_rows(lengths, order, seq_len):
+def greedy_assign_rows(run_need, run_size, seq_len):
     """The Packing Analysis paper's greedy packing: fill the current row in sorted order, close it at the first
     document that does not fit (never look back). Returns (row_of_sorted int32[N], num_rows)."""
-    row_of_sorted = np.empty(order.size, np.int32)
+    row_of_sorted = np.empty(run_size.sum(), np.int32)
     row = -1
     used = seq_len  # so the first document opens row 0
-    for k in range(order.size):
-        need = lengths[order[k]]
-        if used + need > seq_len:
-            row += 1
-            used = 0
-        used += need
-        row_of_sorted[k] = row
+    k = 0
+    for run in range(run_need.size):
+        need = run_need[run]
+        for _ in range(run_size[run]):
+            if used + need > seq_len:
+                row += 1
+                used = 0
+            used += need
+            row_of_sorted[k] = row
+            k += 1
     return row_of_sorted, row + 1
 
 
@@ -208,8 +240,8 @@ def greedy_assign_rows(lengths, order, seq_len):
 
 
 @numba.njit(cache=True)
-def gather_rows(order, row_of_sorted, num_rows):
-    """Group documents by row: (row_offsets int64[rows + 1], doc int64[N]), pieces in placement order.
+def gather_rows(order, row_of_sorted, num_rows, run_need, run_size):
+    """Group documents by row: (row_offsets int64[rows + 1], doc int64[N], length int64[N]), in placement order.
 
     order [1, 0, 2], row_of_sorted [0, 1, 0] -> row_offsets [0, 2, 3], doc [1, 2, 0].
     """
@@ -220,20 +252,16 @@ def gather_rows(order, row_of_sorted, num_rows):
         row_offsets[row + 1] += row_offsets[row]
     next_slot = row_offsets[:-1].copy()
     doc = np.empty(order.size, np.int64)
-    for k in range(order.size):
-        row = row_of_sorted[k]
-        doc[next_slot[row]] = order[k]
-        next_slot[row] += 1
-    return row_offsets, doc
-
-
-@numba.njit(cache=True)
-def take_lengths(lengths, doc):
-    """lengths[doc] as int64 (one pass, no int32 temporary)."""
-    piece_length = np.empty(doc.size, np.int64)
-    for p in range(doc.size):
-        piece_length[p] = lengths[doc[p]]
-    return piece_length
+    piece_length = np.empty(order.size, np.int64)
+    k = 0
+    for run in range(run_need.size):
+        for _ in range(run_size[run]):
+            slot = next_slot[row_of_sorted[k]]
+            doc[slot] = order[k]
+            piece_length[slot] = run_need[run]
+            next_slot[row_of_sorted[k]] = slot + 1
+            k += 1
+    return row_offsets, doc, piece_length
 
 
 # ---------------------------------------------------------------------------------------------------- random

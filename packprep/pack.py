@@ -91,22 +91,26 @@ def pack(lengths, seq_len: int = 4096, strategy: str = "ffd", seed: int = 0) -> 
         row_offsets, doc, start, length = _kernels.cut_stream(lengths32, doc_order, np.int64(seq_len))
         return Plan(row_offsets, doc, start, length, seq_len, strategy, num_docs)
 
-    # Sorted strategies. Each temporary is dropped as soon as it is used: the peak is about
-    # 4 (order) + 4 (row_of_sorted) + 8 (doc) bytes/document, the result 24 bytes/document.
-    order = _sort_descending(lengths32, seq_len)
+    # Sorted strategies. Each temporary is dropped as soon as it is used: the peak is 4 (order) + 4 (row_of_sorted)
+    # + 16 (doc, length) bytes/document, then 24 bytes/document for the plan (+ 4 if lengths were not int32).
+    order, run_need, run_size = _sort_descending(lengths32, seq_len)
     assign = {"ffd": _kernels.ffd_assign_rows, "bfd": _kernels.bfd_assign_rows,
               "greedy": _kernels.greedy_assign_rows}[strategy]
-    row_of_sorted, num_rows = assign(lengths32, order, np.int32(seq_len))
-    row_offsets, doc = _kernels.gather_rows(order, row_of_sorted, num_rows)
+    row_of_sorted, num_rows = assign(run_need, run_size, np.int32(seq_len))
+    row_offsets, doc, length = _kernels.gather_rows(order, row_of_sorted, num_rows, run_need, run_size)
     del order, row_of_sorted
-    length = _kernels.take_lengths(lengths32, doc)
     return Plan(row_offsets, doc, np.zeros(num_docs, np.int64), length, seq_len, strategy, num_docs)
 
 
-def _sort_descending(lengths32: np.ndarray, seq_len: int) -> np.ndarray:
-    """Indices by length descending, ties by index ascending. Counting sort unless seq_len dwarfs N."""
+def _sort_descending(lengths32: np.ndarray, seq_len: int):
+    """(order, run_need, run_size): indices by length descending, ties by index ascending, and the sorted lengths
+    as runs. A counting sort, unless seq_len dwarfs the number of documents."""
     if seq_len > 8 * lengths32.size + 65536:  # O(seq_len) counts would cost more than sorting N values
-        return np.argsort(-lengths32, kind="stable").astype(np.int32)
+        order = np.argsort(-lengths32, kind="stable").astype(np.int32)
+        sorted_lengths = lengths32[order]
+        run_start = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))
+        run_size = np.diff(np.append(run_start, sorted_lengths.size)).astype(np.int64)
+        return order, sorted_lengths[run_start], run_size
     return _kernels.counting_sort_descending(lengths32, np.int64(seq_len))
 
 
