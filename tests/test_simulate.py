@@ -1,0 +1,84 @@
+"""packprep simulate: reading lengths (.npy, text, Parquet/Arrow) and the CLI (table, --json, errors)."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from packprep.cli import app
+from packprep.simulate import read_lengths, simulate
+
+runner = CliRunner()
+LENGTHS = np.array([300, 120, 512, 7, 64, 256, 200, 90, 33, 1])
+
+
+@pytest.fixture
+def files(tmp_path):
+    np.save(tmp_path / "lengths.npy", LENGTHS.astype(np.int32))
+    (tmp_path / "lengths.txt").write_text("\n".join(map(str, LENGTHS)) + "\n")
+    ids = pa.array([list(range(n)) for n in LENGTHS], pa.list_(pa.int32()))
+    pq.write_table(pa.table({"length": LENGTHS, "input_ids": ids}), tmp_path / "lengths.parquet")
+    with pa.OSFile(str(tmp_path / "lengths.arrow"), "wb") as sink, pa.ipc.new_stream(sink, pa.schema(
+            [("n", pa.int64())])) as writer:
+        writer.write_table(pa.table({"n": LENGTHS}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, column", [("lengths.npy", None), ("lengths.txt", None),
+                                          ("lengths.parquet", "length"), ("lengths.parquet", "input_ids"),
+                                          ("lengths.arrow", None)])
+def test_read_lengths(files, name, column):
+    assert read_lengths(files / name, column).tolist() == LENGTHS.tolist()
+
+
+def test_simulate_library():
+    result = simulate(LENGTHS, 512, "all")
+    assert [s["strategy"] for s in result["strategies"]] == ["ffd", "bfd", "greedy", "random", "none"]
+    ffd = result["strategies"][0]
+    assert ffd["rows"] == 4 and ffd["lower_bound"] == 4 and ffd["seconds"] >= 0
+    assert result["strategies"][-1]["rows"] == len(LENGTHS)
+
+
+@pytest.mark.parametrize("name, extra", [("lengths.npy", []), ("lengths.txt", []),
+                                         ("lengths.parquet", ["--column", "length"])])
+def test_cli_table(files, name, extra):
+    result = runner.invoke(app, ["simulate", str(files / name), "--seq-len", "512", *extra])
+    assert result.exit_code == 0, result.output
+    for word in ("ffd", "bfd", "greedy", "random", "none", "rows/LB", "10 documents", "lower bound (LB) 4 rows"):
+        assert word in result.output
+
+
+def test_cli_json(files):
+    result = runner.invoke(app, ["simulate", str(files / "lengths.npy"), "--seq-len", "1024", "--strategy", "ffd",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["docs"] == 10 and out["tokens"] == int(LENGTHS.sum())
+    (ffd,) = out["strategies"]
+    assert ffd["strategy"] == "ffd" and ffd["rows"] == 2 and ffd["steps_reduction"] == 5.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.npy", "--seq-len", "8"], "lengths file not found"),
+        (["lengths.npy", "--seq-len", "100"], "5 documents exceed seq_len=100 (first: index 0, length 300)"),
+        (["lengths.npy", "--seq-len", "0"], "seq_len must be between 1"),
+        (["lengths.npy", "--seq-len", "512", "--strategy", "best"], "unknown strategy 'best'; choose one of"),
+        (["lengths.parquet", "--seq-len", "512"], "has 2 columns (length, input_ids); pick one with --column"),
+        (["lengths.parquet", "--seq-len", "512", "--column", "x"], "has no column 'x'; columns: length, input_ids"),
+        (["lengths.npy", "--seq-len", "512", "--column", "x"], "--column only applies to Parquet / Arrow files"),
+        (["bad.txt", "--seq-len", "512"], "value 2 is '1.5', expected one integer length a line"),
+    ],
+)
+def test_cli_errors(files, args, message):
+    (files / "bad.txt").write_text("3\n1.5\n4\n")
+    args = [str(files / args[0]), *args[1:]]
+    result = runner.invoke(app, ["simulate", *args])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())  # rich may wrap the line
+    assert message in text, text
