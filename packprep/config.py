@@ -61,8 +61,10 @@ class BuildConfig:
     """Field holding a conversation (chat: 'messages' of role/content; sharegpt: 'conversations' of from/value)."""
     shard_rows: int | None = None
     """Rows per shard (default: about 256 MB of tokens per shard)."""
-    chunk_bytes: int = 8 << 20
+    chunk_bytes: int = 2 << 20
     """Input bytes per tokenize task (the unit of parallel work; the output does not depend on it)."""
+    overwrite: bool = False
+    """Replace a finished build in `out` that was made with different settings or inputs."""
 
     def __post_init__(self):
         if isinstance(self.inputs, (str, Path)):
@@ -95,7 +97,7 @@ class BuildConfig:
     def output_keys(self) -> dict:
         """The settings the output bytes depend on (workers and chunk size do not change a byte)."""
         d = self.to_dict()
-        for k in ("workers", "chunk_bytes", "out"):
+        for k in ("workers", "chunk_bytes", "out", "overwrite"):
             d.pop(k)
         return d
 
