@@ -50,6 +50,129 @@ def main(
 
 # Commands are added below, one section per area (simulate: packing; build/inspect/verify: pipeline; train: trainer).
 
+# --- build / inspect / verify: pipeline ----------------------------------------------------------------------------
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings of BuildConfig (the attribute docstrings below each field) as --help text."""
+    import ast
+    import inspect
+
+    from packprep import config
+
+    tree = ast.parse(inspect.getsource(config.BuildConfig))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+_FIELD_DOCS = _field_docs()
+
+
+@app.command()
+@user_errors
+def build(
+    inputs: list[str] = typer.Argument(None, help=_FIELD_DOCS["inputs"], show_default=False),
+    out: str = typer.Option(None, "--out", "-o", help=_FIELD_DOCS["out"] + " [default: packprep_out]"),
+    tokenizer: str = typer.Option(None, help=_FIELD_DOCS["tokenizer"] + " [default: builtin]"),
+    seq_len: int = typer.Option(None, help=_FIELD_DOCS["seq_len"] + " [default: 4096]"),
+    strategy: str = typer.Option(None, help=_FIELD_DOCS["strategy"] + " [default: ffd]"),
+    long_docs: str = typer.Option(None, help=_FIELD_DOCS["long_docs"] + " [default: truncate]"),
+    workers: int = typer.Option(None, help=_FIELD_DOCS["workers"]),
+    seed: int = typer.Option(None, help=_FIELD_DOCS["seed"] + " [default: 0]"),
+    shuffle: bool = typer.Option(None, "--shuffle/--no-shuffle", help=_FIELD_DOCS["shuffle"] + " [default: shuffle]"),
+    format: str = typer.Option(None, "--format", help=_FIELD_DOCS["format"] + " [default: auto]"),
+    text_field: str = typer.Option(None, help=_FIELD_DOCS["text_field"]),
+    prompt_field: str = typer.Option(None, help=_FIELD_DOCS["prompt_field"]),
+    completion_field: str = typer.Option(None, help=_FIELD_DOCS["completion_field"]),
+    messages_field: str = typer.Option(None, help=_FIELD_DOCS["messages_field"]),
+    shard_rows: int = typer.Option(None, help=_FIELD_DOCS["shard_rows"]),
+    overwrite: bool = typer.Option(None, "--overwrite", help=_FIELD_DOCS["overwrite"]),
+    config: str = typer.Option(None, "--config", help="TOML or YAML file with the same keys (flags win)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary."),
+) -> None:
+    """Tokenize, pack and shard a corpus (no INPUT: the embedded default corpus, offline, in seconds)."""
+    from packprep.build import build as run_build
+    from packprep.config import merge
+    from packprep.report import Progress, summary_table
+
+    cfg = merge(config, inputs=tuple(inputs or ()), out=out, tokenizer=tokenizer, seq_len=seq_len,
+                strategy=strategy, long_docs=long_docs, workers=workers, seed=seed, shuffle=shuffle, format=format,
+                text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
+                messages_field=messages_field, shard_rows=shard_rows, overwrite=overwrite)
+    result = run_build(cfg, progress=Progress(err_console, enabled=not quiet))
+    if result.already_built:
+        console.print(f"{result.out} already holds this build (same settings and inputs): nothing to do",
+                      highlight=False)
+    else:
+        console.print(summary_table(result.manifest, title=f"packprep build -> {result.out}"))
+    console.print(f"shards: {result.out}/  (datasets.load_from_disk({str(result.out)!r}) opens them)\n"
+                  f"next:   packprep inspect {result.out}   |   packprep verify {result.out}   |   "
+                  f"packprep train {result.out} --model tiny", highlight=False)
+
+
+@app.command()
+@user_errors
+def inspect(
+    out: str = typer.Argument("packprep_out", help="A packprep output folder."),
+    plot: str = typer.Option(None, "--plot", help="Write length / row fill / docs-per-row histograms to this PNG."),
+) -> None:
+    """Summarise a build from its manifest (and plot its histograms)."""
+    from packprep.report import load_manifest, summary_table
+    from packprep.report import plot as make_plot
+
+    manifest = load_manifest(out)
+    console.print(summary_table(manifest, title=f"packprep inspect {out}"))
+    tok = manifest["tokenizer"]
+    console.print(f"tokenizer {tok['name']} (sha256 {tok['sha256'][:12]}..., vocab {tok['vocab_size']:,}); "
+                  f"shards: " + ", ".join(f"{s['file']} ({s['rows']:,} rows)" for s in manifest["shards"]),
+                  highlight=False)
+    if plot:
+        console.print(f"plot: {make_plot(out, plot)}", highlight=False)
+
+
+@app.command()
+@user_errors
+def verify(out: str = typer.Argument("packprep_out", help="A packprep output folder.")) -> None:
+    """Check a build: checksums, offsets vs input_ids, rows <= seq_len, document accounting (exit 0: all hold)."""
+    from packprep.verify import verify as run_verify
+
+    report = run_verify(out)
+    for name, passed, detail in report.checks:
+        console.print(f"{'[green]ok[/green]  ' if passed else '[red]FAIL[/red]'} {name}" + ("" if passed else
+                      f": {detail}"), highlight=False, soft_wrap=True)
+    if not report.ok:
+        err_console.print(f"[red]error:[/red] {out}: {len(report.failures)} check(s) failed", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{out}: all {len(report.checks)} checks passed", highlight=False)
+
+# --- simulate: packing ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def simulate(
+    lengths: str = typer.Argument(..., help="Lengths file: .npy, text (one integer a line), Parquet/Arrow."),
+    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per packed row."),
+    strategy: str = typer.Option("all", help="ffd | bfd | greedy | random | none | all (compare them)."),
+    column: str = typer.Option(None, help="Parquet/Arrow column with the lengths (or token lists)."),
+    seed: int = typer.Option(0, help="Seed of the random strategy."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Compare packing strategies on a length array (rows, efficiency, rows/lower bound, steps saved vs padding)."""
+    import json
+
+    from packprep.simulate import read_lengths, render, simulate
+
+    result = simulate(read_lengths(lengths, column), seq_len, strategy if strategy == "all" else [strategy], seed)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        console.print(render(result))
+
+
 # --- simulate: packing ---------------------------------------------------------------------------------------------
 
 
