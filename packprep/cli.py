@@ -148,29 +148,6 @@ def verify(out: str = typer.Argument("packprep_out", help="A packprep output fol
         raise typer.Exit(1)
     console.print(f"{out}: all {len(report.checks)} checks passed", highlight=False)
 
-# --- simulate: packing ---------------------------------------------------------------------------------------------
-
-
-@app.command()
-@user_errors
-def simulate(
-    lengths: str = typer.Argument(..., help="Lengths file: .npy, text (one integer a line), Parquet/Arrow."),
-    seq_len: int = typer.Option(..., "--seq-len", help="Tokens per packed row."),
-    strategy: str = typer.Option("all", help="ffd | bfd | greedy | random | none | all (compare them)."),
-    column: str = typer.Option(None, help="Parquet/Arrow column with the lengths (or token lists)."),
-    seed: int = typer.Option(0, help="Seed of the random strategy."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """Compare packing strategies on a length array (rows, efficiency, rows/lower bound, steps saved vs padding)."""
-    import json
-
-    from packprep.simulate import read_lengths, render, simulate
-
-    result = simulate(read_lengths(lengths, column), seq_len, strategy if strategy == "all" else [strategy], seed)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        console.print(render(result))
 
 
 # --- simulate: packing ---------------------------------------------------------------------------------------------
