@@ -148,8 +148,6 @@ def verify(out: str = typer.Argument("packprep_out", help="A packprep output fol
         raise typer.Exit(1)
     console.print(f"{out}: all {len(report.checks)} checks passed", highlight=False)
 
-
-
 # --- simulate: packing ---------------------------------------------------------------------------------------------
 
 
@@ -173,6 +171,43 @@ def simulate(
         print(json.dumps(result))
     else:
         console.print(render(result))
+
+# --- train: trainer ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def train(
+    shards: str = typer.Argument(..., help="packprep output folder (from `packprep build`)."),
+    model: str = typer.Option("tiny", help="tiny | small (random Llama) | a local model folder | a hub name."),
+    steps: int = typer.Option(100, help="Optimizer steps in total (a resumed run continues up to this step)."),
+    batch_tokens: int = typer.Option(8192, help="Token budget of one micro-batch per rank (>= the build's seq_len)."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; linear warmup, cosine to 10%)."),
+    warmup: int = typer.Option(10, help="Warmup steps."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step on each rank."),
+    device: str = typer.Option("auto", help="cpu | cuda | auto."),
+    attn: str = typer.Option("auto", help="Attention backend: auto | flash_attn | torch | sdpa."),
+    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for cuda, off for cpu)."),
+    seed: int = typer.Option(0, help="Seed of the data order and of the preset models' weights."),
+    ckpt: str = typer.Option(None, help="Checkpoint folder (last.pt)."),
+    ckpt_every: int = typer.Option(0, help="Steps between checkpoints (0: only at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <ckpt>/last.pt."),
+    stop_at: int = typer.Option(0, help="Stop (and checkpoint) after this step; the schedule still spans --steps."),
+    log_every: int = typer.Option(1, help="Steps between log lines."),
+) -> None:
+    """Train a causal LM on packed shards with per-document (varlen) attention; run under torchrun for DDP."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ImportError('packprep train needs torch: pip install "packprep[train]"') from None
+    from trainer.train import TrainConfig
+    from trainer.train import train as run_training
+
+    cfg = TrainConfig(shards=shards, model=model, steps=steps, batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup,
+                      grad_accum=grad_accum, device=device, attn=attn, bf16=bf16, seed=seed, ckpt=ckpt,
+                      ckpt_every=ckpt_every, resume=resume, stop_at=stop_at, log_every=log_every)
+    run_training(cfg, echo=lambda line: console.print(line, highlight=False))
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,6 +69,9 @@ class TrainConfig:
     """steps between checkpoints (0: only at the end)."""
     resume: bool = False
     """continue from <ckpt>/last.pt."""
+    stop_at: int = 0
+    """stop after this step (0: at `steps`), checkpointing there; the schedule still spans `steps` (for jobs cut
+    into time-limited pieces)."""
     log_every: int = 1
     """steps between log lines."""
 
@@ -80,8 +83,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={value} must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
-        if self.warmup_steps < 0 or self.ckpt_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps, ckpt_every, grad_clip and weight_decay must be >= 0")
+        for name in ("warmup_steps", "ckpt_every", "stop_at", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: choose cpu, cuda or auto")
         if self.attn not in BACKENDS:
@@ -246,7 +250,8 @@ def train(cfg: TrainConfig, echo=print) -> list[dict]:
                                      "scheduler": scheduler.state_dict(), "loader": loaders, "step": step,
                                      "config": dataclasses.asdict(cfg)})
 
-    while step < cfg.steps:
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    while step < last:
         t0 = time.perf_counter()
         micro, tokens, flops = [], 0, 0.0
         for _ in range(cfg.grad_accum):
@@ -266,12 +271,12 @@ def train(cfg: TrainConfig, echo=print) -> list[dict]:
              "loss_frac": out["loss_tokens"] / (tokens * world), "data_s": t_data, "step_s": dt}
         if peak:
             m["mfu"] = flops / dt / peak
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == last:
             metrics.append(m)
             say(f"step {step:>6} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {m['tok_s']:,.0f} tok/s | "
                 f"fill {m['fill']:.1%} | loss tokens {m['loss_frac']:.1%}"
                 + (f" | mfu {m['mfu']:.1%}" if "mfu" in m else "") + f" | {dt * 1e3:.0f} ms")
-        if ckpt is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
+        if ckpt is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == last):
             save()
     if world > 1:
         dist.barrier()
