@@ -42,6 +42,9 @@ def resolve_tokenizer(name: str, work: Path | None = None) -> Path:
         return p.parent
     if (p / "tokenizer.json").is_file():
         return p
+    if not p.exists() and (p.is_absolute() or name.startswith((".", "~"))):  # clearly a path, not a hub name
+        raise ValueError(f"tokenizer {name!r} not found: no such local folder; offline, --tokenizer must be a local "
+                         "folder with tokenizer.json (or 'builtin')")
     # A hub name, or a folder with only a slow tokenizer: let transformers fetch/convert it once, then save it.
     try:
         from transformers import AutoTokenizer

@@ -1,0 +1,72 @@
+"""Sources: input resolution (globs, folders, HF folders), task planning (chunking does not change documents),
+format detection and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from build_fixtures import texts, write_corpora
+
+from packprep.sources import plan_tasks, read_task, resolve_inputs
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    return write_corpora(tmp_path_factory.mktemp("src"), n=50)
+
+
+def docs_of(tasks):
+    out = []
+    for t in tasks:
+        for d in read_task(t, batch_rows=7):
+            out += d.texts or d.chats or list(zip(d.prompts, d.completions))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["text", "chat", "sharegpt", "hf", "prompt-completion", "alpaca"])
+def test_chunking_does_not_change_documents(corpora, fmt):
+    files = resolve_inputs([corpora[fmt]])
+    whole = plan_tasks(files, chunk_bytes=1 << 30)
+    small = plan_tasks(files, chunk_bytes=300)
+    assert len(small) >= len(whole)
+    assert docs_of(whole) == docs_of(small) and len(docs_of(whole)) == 50
+    if fmt in ("text", "chat", "sharegpt", "hf"):
+        assert len(small) > 1
+
+
+def test_jsonl_chunks_are_line_aligned(tmp_path):
+    lines = [json.dumps({"text": t}) + "\n" for t in texts(200, 3)]
+    p = tmp_path / "a.jsonl"
+    p.write_text("".join(lines))
+    for chunk in (1, 37, 100, 10_000):
+        tasks = plan_tasks(resolve_inputs([p]), chunk_bytes=chunk)
+        assert [d for t in tasks for b in read_task(t) for d in b.texts] == texts(200, 3)
+
+
+def test_globs_folders_and_order(corpora, tmp_path):
+    folder = corpora["text"].parent
+    found = [p.name for p, _ in resolve_inputs([folder])]
+    assert [n for n in found if not n.startswith("data-")] == ["alpaca.csv", "chat.parquet", "pc.json", "qa.jsonl",
+                                                               "sharegpt.arrow", "text.jsonl"]
+    assert found[2].startswith("data-")  # hf_text/ sorts between chat.parquet and pc.json; its files follow state.json
+    assert [p.name for p, _ in resolve_inputs([str(folder / "*.jsonl")])] == ["qa.jsonl", "text.jsonl"]
+    hf = resolve_inputs([corpora["hf"]])
+    assert len(hf) > 1 and all(k == "arrow" for _, k in hf)  # the files state.json lists, in its order
+
+
+def test_format_detection_and_missing_fields(corpora):
+    fmt = {k: plan_tasks(resolve_inputs([corpora[k]]), chunk_bytes=1 << 20)[0].format.name
+           for k in ("text", "prompt-completion", "qa", "chat", "sharegpt", "alpaca", "hf")}
+    assert fmt == {"text": "text", "prompt-completion": "prompt-completion", "qa": "prompt-completion",
+                   "chat": "chat", "sharegpt": "sharegpt", "alpaca": "alpaca", "hf": "text"}
+    with pytest.raises(ValueError, match=r"field 'body' not found \(text format\); fields: \['text', 'id'\]"):
+        plan_tasks(resolve_inputs([corpora["text"]]), chunk_bytes=1 << 20, text_field="body")
+    with pytest.raises(ValueError, match="field 'messages' not found"):
+        plan_tasks(resolve_inputs([corpora["text"]]), chunk_bytes=1 << 20, format="chat")
+
+
+def test_empty_file_among_good_ones(corpora, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    files = resolve_inputs([tmp_path / "empty.jsonl", corpora["text"]])
+    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 50
