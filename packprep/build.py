@@ -38,7 +38,9 @@ from packprep.sources import plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.tokenize import (
     TokenizeContext,
     Tokenizer,
+    preload,
     resolve_tokenizer,
+    save_atomic,
     spool_paths,
     tokenize_task,
     tokenizer_sha256,
@@ -75,6 +77,7 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
         files = resolve_inputs([stdlib_corpus(work / "python-stdlib.parquet")])
     tok_dir = resolve_tokenizer(config.tokenizer, work)
     tok = Tokenizer(tok_dir)
+    preload(tok)
     fields = dict(text_field=config.text_field, prompt_field=config.prompt_field,
                   completion_field=config.completion_field, messages_field=config.messages_field)
     tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, **fields)
@@ -200,7 +203,7 @@ def plan_layout(lengths: np.ndarray, config: BuildConfig) -> tuple[dict, dict, d
 def _save_layout(folder: Path, layout: dict, task_token_base: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in {**layout, "task_token_base": task_token_base}.items():
-        np.save(folder / f"{name}.npy", arr, allow_pickle=False)
+        save_atomic(folder / f"{name}.npy", arr)
 
 
 # ---------------------------------------------------------------------------------------------------- write task

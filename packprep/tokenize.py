@@ -274,7 +274,12 @@ class TaskResult:
     empty: int
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
+_TOKENIZERS: dict[str, Tokenizer] = {}  # per process; forked workers inherit the driver's (loading Qwen's: ~1 s)
+
+
+def preload(tok: Tokenizer) -> None:
+    """Let tasks in this process, and in workers forked from it, reuse an already loaded tokenizer."""
+    _TOKENIZERS[str(tok.folder)] = tok
 
 
 def spool_paths(spool: str | Path, index: int) -> dict[str, Path]:
@@ -297,7 +302,7 @@ def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> TaskResult:
     mask = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint8)
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
     for key, arr in (("ids", ids), ("mask", mask), ("len", lengths)):
-        _save_atomic(paths[key], arr)
+        save_atomic(paths[key], arr)
     result = TaskResult(task.index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)),
                         int((lengths == 0).sum()))
     from packprep.shards import write_json_atomic
@@ -306,7 +311,7 @@ def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> TaskResult:
     return result
 
 
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
+def save_atomic(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
