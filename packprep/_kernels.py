@@ -236,6 +236,106 @@ def greedy_assign_rows(run_need, run_size, seq_len):
     return row_of_sorted, row + 1
 
 
+# ---------------------------------------------------------------------------------------------------- b2f
+
+
+@numba.njit(cache=True)
+def _last_flag_at_or_before(flag_tree, num_leaves, highest):
+    """Largest value v <= highest whose leaf flag is set, or -1 (mirror of _first_flag_at_or_after)."""
+    node = num_leaves + highest
+    if flag_tree[node]:
+        return highest
+    while node > 1:
+        if node % 2 == 1 and flag_tree[node - 1]:  # the left sibling's range lies below: the answer is there
+            node -= 1
+            while node < num_leaves:
+                node = 2 * node + 1
+                if not flag_tree[node]:
+                    node -= 1
+            return node - num_leaves
+        node //= 2
+    return -1
+
+
+@numba.njit(cache=True)
+def b2f_pack(order, run_need, run_size, seq_len, repair_tries):
+    """First-fit-decreasing filled row by row, then best-two-fit repair (Friesen & Langston's B2F).
+
+    Filling each row with the largest unpacked document that fits, until none fits, gives exactly FFD's rows. When
+    a row keeps free space, its last `repair_tries` documents (smallest first) are tried in turn: put the document
+    back and take the most balanced pair of unpacked documents that fills the row exactly (the larger takes the
+    document's place, the smaller goes last). Exact fits cost one document each, which FFD leaves to later rows.
+    Unpacked documents sit in per-length pools (slices of `order`, lowest index first; a document put back is the
+    next one taken); a flag tree over lengths finds the largest that fits in O(log seq_len).
+    Returns (row_offsets, doc, length), int64.
+    """
+    num_docs = order.size
+    pool_start = np.zeros(seq_len + 1, np.int64)  # pool of length L: order[pool_start[L] + taken[L] : ...]
+    pool_left = np.zeros(seq_len + 1, np.int64)
+    taken = np.zeros(seq_len + 1, np.int64)
+    num_leaves = 1
+    while num_leaves < seq_len + 1:
+        num_leaves *= 2
+    flag_tree = np.zeros(2 * num_leaves, np.uint8)  # flag L: pool L is not empty
+    slot = 0
+    for run in range(run_need.size):
+        pool_start[run_need[run]] = slot
+        pool_left[run_need[run]] = run_size[run]
+        slot += run_size[run]
+        _set_flag(flag_tree, num_leaves, run_need[run])
+    doc = np.empty(num_docs, np.int64)
+    piece_length = np.empty(num_docs, np.int64)
+    row_offsets = np.zeros(1024, np.int64)
+    num_rows = 0
+    written = 0
+    while written < num_docs:
+        row_start = written
+        free = seq_len
+        while free > 0:  # FFD: the largest document that still fits
+            length = _last_flag_at_or_before(flag_tree, num_leaves, free)
+            if length <= 0:
+                break
+            doc[written] = order[pool_start[length] + taken[length]]
+            piece_length[written] = length
+            written += 1
+            taken[length] += 1
+            pool_left[length] -= 1
+            if pool_left[length] == 0:
+                _clear_flag(flag_tree, num_leaves, length)
+            free -= length
+        for j in range(written - 1, max(row_start, written - repair_tries) - 1, -1):
+            if free == 0 or written == num_docs:
+                break
+            put_back = piece_length[j]
+            pool_left[put_back] += 1  # tentatively; identical lengths fail identically, so this is its document
+            target = put_back + free
+            for small in range(target // 2, 0, -1):  # most balanced pair first
+                large = target - small
+                if pool_left[small] > 0 and pool_left[large] > (1 if small == large else 0):
+                    taken[put_back] -= 1
+                    if pool_left[put_back] == 1:
+                        _set_flag(flag_tree, num_leaves, put_back)
+                    for slot_index, length in ((j, large), (written, small)):
+                        doc[slot_index] = order[pool_start[length] + taken[length]]
+                        piece_length[slot_index] = length
+                        taken[length] += 1
+                        pool_left[length] -= 1
+                        if pool_left[length] == 0:
+                            _clear_flag(flag_tree, num_leaves, length)
+                    written += 1
+                    free = 0
+                    break
+            else:
+                pool_left[put_back] -= 1
+        num_rows += 1
+        if num_rows == row_offsets.size:
+            grown = np.zeros(2 * row_offsets.size, np.int64)
+            grown[: row_offsets.size] = row_offsets
+            row_offsets = grown
+        row_offsets[num_rows] = written
+    return row_offsets[: num_rows + 1].copy(), doc, piece_length
+
+
 # ---------------------------------------------------------------------------------------------------- output
 
 

@@ -3,6 +3,8 @@
 Each returns rows as lists of (doc, start, length) pieces, in the order the kernels number rows and pieces.
 """
 
+from collections import deque
+
 import numpy as np
 
 
@@ -38,6 +40,38 @@ def bfd_rows(lengths, seq_len):
         rows[r].append((i, 0, lengths[i]))
         free[r] -= lengths[i]
         since[r] = step
+    return rows
+
+
+def b2f_rows(lengths, seq_len, tries=3):
+    """FFD filled row by row (largest unpacked doc that fits, until none fits: ffd_rows' rows). A row left with free
+    space then tries its last `tries` docs (smallest first): put it back, take the most balanced pair of unpacked
+    docs that fills the row exactly; the larger takes its place, the smaller goes last."""
+    pools = {}  # length -> unpacked docs, lowest index first; a doc put back is the next one taken
+    for i in sorted_desc(lengths):
+        pools.setdefault(lengths[i], deque()).append(i)
+    rows = []
+    while any(pools.values()):
+        row, free = [], seq_len
+        while fitting := [n for n, pool in pools.items() if pool and n <= free]:
+            row.append(pools[max(fitting)].popleft())
+            free -= max(fitting)
+        for j in range(len(row) - 1, max(-1, len(row) - 1 - tries), -1):
+            if free == 0 or not any(pools.values()):
+                break
+            pools[lengths[row[j]]].appendleft(row[j])
+            target = lengths[row[j]] + free
+            have = {n: len(pool) for n, pool in pools.items()}
+            pair = [(target - a, a) for a in range(target // 2, 0, -1)
+                    if have.get(a, 0) > 0 and have.get(target - a, 0) > (a == target - a)]
+            if pair:
+                large, small = pair[0]
+                row[j] = pools[large].popleft()
+                row.append(pools[small].popleft())
+                free = 0
+            else:
+                pools[lengths[row[j]]].popleft()
+        rows.append([(i, 0, lengths[i]) for i in row])
     return rows
 
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packprep.pack import STRATEGIES, Plan, pack
+from packprep import _kernels
+from packprep.pack import B2F_REPAIR_TRIES, STRATEGIES, Plan, _sort_descending, pack
 from packprep.stats import lower_bound_rows, plan_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,6 +23,7 @@ REFERENCES = {
     "bfd": reference.bfd_rows,
     "greedy": reference.greedy_rows,
     "none": reference.none_rows,
+    "b2f": reference.b2f_rows,
     "random": lambda lengths, seq_len: reference.random_rows(lengths, seq_len, seed=0),
 }
 
@@ -115,7 +117,7 @@ def test_many_rows_grow_the_trees(strategy):
     check_invariants(plan, lengths.tolist(), 4)
 
 
-@pytest.mark.parametrize("strategy", ["ffd", "bfd"])
+@pytest.mark.parametrize("strategy", ["ffd", "bfd", "b2f"])
 def test_real_sft_mix_near_lower_bound(strategy):
     lengths = np.load(REAL_LENGTHS)
     for seq_len in (1024, 4096):
@@ -124,9 +126,35 @@ def test_real_sft_mix_near_lower_bound(strategy):
         assert stats["rows"] <= stats["lower_bound"] * 1.0002 + 1
 
 
+def test_b2f_reaches_lower_bound_where_ffd_does_not():
+    lengths = np.random.default_rng(0).choice(np.load(REAL_LENGTHS), 50_000)  # a larger real mix
+    ffd, b2f = (plan_stats(pack(lengths, 1024, s), 1024) for s in ("ffd", "b2f"))
+    assert b2f["rows"] <= b2f["lower_bound"] * 1.0002 + 1 < ffd["rows"]
+
+
+def test_b2f_repairs_a_row():
+    # seq_len 9, sorted 5 3 3 3 2 2: ffd [5, 3] (1 free) [3, 3, 2] [2] = 3 rows; b2f puts the 3 back for 2 + 2
+    lengths = [5, 3, 3, 3, 2, 2]
+    assert pack(lengths, 9, "ffd").num_rows == 3
+    assert reference.plan_rows(pack(lengths, 9, "b2f")) == [[(0, 0, 5), (4, 0, 2), (5, 0, 2)],
+                                                             [(1, 0, 3), (2, 0, 3), (3, 0, 3)]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(inputs=packing_inputs())
+def test_b2f_without_repair_is_ffd(inputs):
+    lengths, seq_len = inputs
+    lengths32 = np.array(lengths, np.int32)
+    order, run_need, run_size = _sort_descending(lengths32, seq_len)
+    row_offsets, doc, length = _kernels.b2f_pack(order, run_need, run_size, np.int64(seq_len), np.int64(0))
+    ffd = pack(lengths32, seq_len, "ffd")
+    assert np.array_equal(row_offsets, ffd.row_offsets) and np.array_equal(doc, ffd.doc)
+    assert B2F_REPAIR_TRIES == 3  # the reference's default
+
+
 def test_huge_seq_len_uses_argsort_same_plan():
     lengths = [5, 900_000, 5, 300_000, 700_000, 1]
-    for strategy in ("ffd", "bfd", "greedy"):
+    for strategy in ("ffd", "bfd", "greedy", "b2f"):
         plan = pack(lengths, 1_000_000, strategy)
         assert reference.plan_rows(plan) == REFERENCES[strategy](lengths, 1_000_000)
 
@@ -166,7 +194,7 @@ def test_integer_dtypes_accepted(dtype):
         ({"seq_len": 0}, "seq_len must be between 1 and 2147483647, got 0"),
         ({"seq_len": 4.0}, "seq_len must be an integer, got 4.0"),
         ({"seq_len": True}, "seq_len must be an integer, got True"),
-        ({"strategy": "fdd"}, "unknown strategy 'fdd'; choose one of: ffd, bfd, greedy, random, none"),
+        ({"strategy": "fdd"}, "unknown strategy 'fdd'; choose one of: ffd, bfd, greedy, random, none, b2f"),
         ({"strategy": "random", "seed": 0.5}, "seed must be an integer, got 0.5"),
     ],
 )

@@ -36,10 +36,11 @@ def test_read_lengths(files, name, column):
 
 def test_simulate_library():
     result = simulate(LENGTHS, 512, "all")
-    assert [s["strategy"] for s in result["strategies"]] == ["ffd", "bfd", "greedy", "random", "none"]
+    assert [s["strategy"] for s in result["strategies"]] == ["ffd", "bfd", "greedy", "random", "none", "b2f"]
     ffd = result["strategies"][0]
     assert ffd["rows"] == 4 and ffd["lower_bound"] == 4 and ffd["seconds"] >= 0
-    assert result["strategies"][-1]["rows"] == len(LENGTHS)
+    by_name = {s["strategy"]: s for s in result["strategies"]}
+    assert by_name["none"]["rows"] == len(LENGTHS) and by_name["b2f"]["rows"] == 4
 
 
 @pytest.mark.parametrize("name, extra", [("lengths.npy", []), ("lengths.txt", []),
@@ -47,7 +48,7 @@ def test_simulate_library():
 def test_cli_table(files, name, extra):
     result = runner.invoke(app, ["simulate", str(files / name), "--seq-len", "512", *extra])
     assert result.exit_code == 0, result.output
-    for word in ("ffd", "bfd", "greedy", "random", "none", "rows/LB", "10 documents", "lower bound (LB) 4 rows"):
+    for word in ("ffd", "bfd", "b2f", "greedy", "random", "none", "rows/LB", "10 documents", "lower bound (LB) 4 rows"):
         assert word in result.output
 
 
