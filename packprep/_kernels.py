@@ -258,6 +258,23 @@ def _last_flag_at_or_before(flag_tree, num_leaves, highest):
 
 
 @numba.njit(cache=True)
+def _balanced_pair(flag_tree, num_leaves, pool_left, target):
+    """The smaller length of the most balanced pair of pooled documents summing to `target`, or -1.
+
+    Walks the pooled lengths down from target // 2 (flag tree), so the cost is the number of distinct pooled
+    lengths in [target - longest pooled, target // 2], not target.
+    """
+    longest = _last_flag_at_or_before(flag_tree, num_leaves, num_leaves - 1)
+    small = _last_flag_at_or_before(flag_tree, num_leaves, target // 2)
+    while small > 0 and target - small <= longest:
+        large = target - small
+        if pool_left[large] > (1 if small == large else 0):
+            return small
+        small = _last_flag_at_or_before(flag_tree, num_leaves, small - 1)
+    return -1
+
+
+@numba.njit(cache=True)
 def b2f_pack(order, run_need, run_size, seq_len, repair_tries):
     """First-fit-decreasing filled row by row, then best-two-fit repair (Friesen & Langston's B2F).
 
@@ -306,27 +323,26 @@ def b2f_pack(order, run_need, run_size, seq_len, repair_tries):
         for j in range(written - 1, max(row_start, written - repair_tries) - 1, -1):
             if free == 0 or written == num_docs:
                 break
-            put_back = piece_length[j]
-            pool_left[put_back] += 1  # tentatively; identical lengths fail identically, so this is its document
-            target = put_back + free
-            for small in range(target // 2, 0, -1):  # most balanced pair first
-                large = target - small
-                if pool_left[small] > 0 and pool_left[large] > (1 if small == large else 0):
-                    taken[put_back] -= 1
-                    if pool_left[put_back] == 1:
-                        _set_flag(flag_tree, num_leaves, put_back)
-                    for slot_index, length in ((j, large), (written, small)):
-                        doc[slot_index] = order[pool_start[length] + taken[length]]
-                        piece_length[slot_index] = length
-                        taken[length] += 1
-                        pool_left[length] -= 1
-                        if pool_left[length] == 0:
-                            _clear_flag(flag_tree, num_leaves, length)
-                    written += 1
-                    free = 0
-                    break
-            else:
+            put_back = piece_length[j]  # identical lengths fail identically, so this is the pool's last-taken doc
+            pool_left[put_back] += 1  # tentatively back in its pool
+            if pool_left[put_back] == 1:
+                _set_flag(flag_tree, num_leaves, put_back)
+            small = _balanced_pair(flag_tree, num_leaves, pool_left, put_back + free)
+            if small < 0:  # no exact pair: undo
                 pool_left[put_back] -= 1
+                if pool_left[put_back] == 0:
+                    _clear_flag(flag_tree, num_leaves, put_back)
+                continue
+            taken[put_back] -= 1
+            for slot_index, length in ((j, put_back + free - small), (written, small)):
+                doc[slot_index] = order[pool_start[length] + taken[length]]
+                piece_length[slot_index] = length
+                taken[length] += 1
+                pool_left[length] -= 1
+                if pool_left[length] == 0:
+                    _clear_flag(flag_tree, num_leaves, length)
+            written += 1
+            free = 0
         num_rows += 1
         if num_rows == row_offsets.size:
             grown = np.zeros(2 * row_offsets.size, np.int64)
