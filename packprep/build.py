@@ -13,6 +13,7 @@ from the memory-mapped spool plus one sha256 pass per shard. The spool (~5 bytes
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 import sys
 import time
@@ -112,7 +113,7 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
     t = time.perf_counter()
     rows, per = counts["rows"], config.rows_per_shard
     num_shards = -(-rows // per)
-    ctx = WriteContext(str(out), str(work), len(tasks), rows, per, num_shards, max(1, (1 << 22) // config.seq_len))
+    ctx = WriteContext(str(out), str(work), len(tasks), rows, per, num_shards, max(1, (1 << 20) // config.seq_len))
     shards = [None] * num_shards
     with progress.stage("write", num_shards, "shards") as bar:
         for info in executor.imap(write_shard_task, range(num_shards), ctx):
@@ -238,6 +239,7 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
             batch = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, spool)
             loss[0] += int(np.asarray(batch.column("loss_mask").values).sum(dtype=np.int64))
             yield batch
+            spool.release()
 
     info = {"index": index, **write_shard(path, batches()), "loss_tokens": loss[0]}
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +248,11 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
 
 
 class _Spool:
-    """The tokenize outputs, memory-mapped lazily, one (ids, mask) pair per task."""
+    """The tokenize outputs, memory-mapped lazily, one (ids, mask) pair per task.
+
+    `release()` after each batch drops the pages read so far from this process (MADV_DONTNEED; they stay in the
+    page cache), so a writer's RSS stays at one batch's pages instead of growing to the size of the spool.
+    """
 
     def __init__(self, folder: Path):
         self.folder, self.maps = folder, {}
@@ -256,6 +262,13 @@ class _Spool:
             p = spool_paths(self.folder, task)
             self.maps[task] = (np.load(p["ids"], mmap_mode="r"), np.load(p["mask"], mmap_mode="r"))
         return self.maps[task]
+
+    def release(self) -> None:
+        for arrays in self.maps.values():
+            for a in arrays:
+                m = getattr(a, "_mmap", None)
+                if m is not None and hasattr(m, "madvise"):
+                    m.madvise(mmap.MADV_DONTNEED)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
