@@ -10,7 +10,7 @@ Strategies (`STRATEGIES`), all deterministic for a given seed, numba kernels in 
     none    one document per row: the padding baseline. O(N).
     b2f     ffd, then best-two-fit repair: a row left with free space swaps one of its smallest documents for two
             unpacked ones that fill it exactly. Within a few rows of the lower bound where ffd is not (real SFT
-            mixes at seq_len <= 2048, >= 1M documents: ffd +0.02-0.12%, b2f <= +0.002%). O(N log seq_len), ~0.5 s
+            mixes at seq_len <= 2048, >= 1M documents: ffd +0.03-0.13%, b2f <= +0.002%). O(N log seq_len), ~0.35 s
             for 10M documents (rows filled one by one with the largest document that fits: FFD's rows, no gather).
 Every token of every document lands in exactly one piece, no row holds more than seq_len tokens, no row is empty.
 Documents longer than seq_len are rejected: truncating, splitting or dropping them is the build pipeline's policy.
