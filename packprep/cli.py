@@ -156,7 +156,7 @@ def verify(out: str = typer.Argument("packprep_out", help="A packprep output fol
 def simulate(
     lengths: str = typer.Argument(..., help="Lengths file: .npy, text (one integer a line), Parquet/Arrow."),
     seq_len: int = typer.Option(..., "--seq-len", help="Tokens per packed row."),
-    strategy: str = typer.Option("all", help="ffd | bfd | greedy | random | none | all (compare them)."),
+    strategy: str = typer.Option("all", help="ffd | bfd | b2f | greedy | random | none | all (compare them)."),
     column: str = typer.Option(None, help="Parquet/Arrow column with the lengths (or token lists)."),
     seed: int = typer.Option(0, help="Seed of the random strategy."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
