@@ -86,6 +86,24 @@ def test_packed_logits_equal_per_document_logits_bf16(backend):
     assert rel(whole, per_doc) > 5 * BF16_TOL  # without boundaries the documents interact: the check has teeth
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+def test_fp32_weights_under_autocast_use_the_fused_kernel(backend, monkeypatch):
+    """Training-mode forward/backward with fp32 master weights and bf16 autocast reaches the fused backend in bf16."""
+    import trainer.varlen as varlen
+    from trainer import build_model
+
+    seen = []
+    real = varlen.resolve_backend
+    monkeypatch.setattr(varlen, "resolve_backend", lambda b, d, t: seen.append((b, t)) or real(b, d, t))
+    model = build_model("tiny", backend, vocab_size=512).cuda().train()
+    batch = make_varlen_batch(np.arange(1, 301) % 500, np.array([0, 100, 300]), np.ones(300), np.array([0, 300]))
+    batch = batch.to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**model_inputs(batch)).logits.float().square().mean()
+    loss.backward()
+    assert seen and all(t == torch.bfloat16 for _, t in seen)
+
+
 def test_train_step_on_cuda(tmp_path):
     from trainer_fixtures import random_lengths, write_packed
 

@@ -41,6 +41,12 @@ def _attention_forward(backend: str):
         if dropout and module.training:
             raise ValueError("attention dropout is not supported with packed batches; set attention_dropout=0")
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+        device_type = q.device.type
+        if q.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            # fp32 weights under autocast: the projections are bf16 but RoPE's fp32 cos/sin promote q and k back
+            # to fp32; run the attention in the autocast dtype, as autocast would run a matmul
+            dtype = torch.get_autocast_dtype(device_type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], causal=getattr(module, "is_causal", True),
                                backend=backend, scale=scaling)
         return out.unsqueeze(0), None
