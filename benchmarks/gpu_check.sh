@@ -12,7 +12,7 @@ export PYTHONPATH=.:tests PYTHONUNBUFFERED=1
   python3 -c "import inspect, torch.nn.attention.varlen as v; print('varlen_attn', inspect.signature(v.varlen_attn))"
   python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>&1 | tail -1
 } 2>&1 | tee "$OUT/env.txt"
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_trainer_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+python3 -m pytest -v -rs -p no:cacheprovider tests/test_trainer_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
 [ -n "${CPU_TESTS:-}" ] && python3 -m pytest -q -p no:cacheprovider tests/test_trainer_model.py tests/test_trainer_data.py \
   -k "not stateful" 2>&1 | tail -3 | tee "$OUT/cpu_tests_on_device.txt"
 python3 - <<'PY' 2>&1 | tee "$OUT/train_smoke.txt"
