@@ -145,3 +145,35 @@ def test_build_model_errors(tmp_path):
         build_model("tiny", "xformers")
     with pytest.raises(ValueError, match="cannot load model"):
         build_model(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.parametrize("style", ["window_size", "is_causal", "enable_gqa"])
+def test_torch_backend_adapts_to_varlen_attn_versions(monkeypatch, style):
+    """The `torch` backend's call adapter (window_size vs is_causal, GQA by repeat + recompute or enable_gqa) on CPU,
+    with a stand-in for torch.nn.attention.varlen.varlen_attn that has each version's signature."""
+    import trainer.varlen as varlen
+
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), is_causal=False,
+             enable_gqa=False):
+        calls.append(k.shape[1])
+        causal = window_size == (-1, 0) if style != "is_causal" else is_causal
+        assert enable_gqa or k.shape[1] == q.shape[1]
+        return varlen.sdpa_reference(q, k, v, cu_q, causal, scale)
+
+    params = {"window_size": {"scale", "window_size"}, "is_causal": {"is_causal"},
+              "enable_gqa": {"scale", "window_size", "enable_gqa"}}[style]
+    monkeypatch.setattr(varlen, "_torch_varlen", lambda: (fake, frozenset(params)))
+    rng = np.random.default_rng(3)
+    cu, mx = random_cu(rng, 4, 30)
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, h, 8, requires_grad=True) for h in (4, 2, 2))
+    out = varlen._torch_attention(q, k, v, cu, mx, True, 0.3)
+    ref = varlen.sdpa_reference(q, k, v, cu, True, 0.3)
+    assert rel(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel(a, b) < 1e-5
+    # repeat + recompute in backward where the kernel has no enable_gqa; native GQA otherwise
+    assert calls == ([2] if style == "enable_gqa" else [4, 4])

@@ -18,6 +18,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def _torch_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     """torch.nn.attention.varlen.varlen_attn across its versions: 2.9/2.10 take `is_causal`, later ones
-    `window_size=(-1, 0)` for causal; `enable_gqa` and `scale` are used where the installed version has them."""
+    `window_size=(-1, 0)` for causal; `enable_gqa` and `scale` are used where the installed version has them
+    (2.11 has `scale` but not `enable_gqa`)."""
     varlen_attn, params = _torch_varlen()
     kwargs = {}
     if "window_size" in params:
@@ -112,17 +114,26 @@ def _torch_attention(q, k, v, cu_seqlens, max_seqlen, causal, scale):
         kwargs["is_causal"] = causal
     elif causal:
         raise ValueError("this torch's varlen_attn has neither window_size nor is_causal; use --attn sdpa")
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     if scale is not None:
         if "scale" in params:
             kwargs["scale"] = scale
         else:  # the kernel uses 1/sqrt(D): fold the rest of the factor into q
             q = q * (scale * q.shape[-1] ** 0.5)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and "enable_gqa" in params:
+        kwargs["enable_gqa"], groups = True, 1
+
+    def attend(q, k, v):
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+    if groups > 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # GQA without enable_gqa (torch 2.10/2.11): backward would keep the repeated k/v (groups x their memory,
+        # ~0.8 GB over 24 layers of 16k tokens); keep only q/k/v and redo the repeat and attention in backward
+        # (one extra attention forward, ~1% of a step on short documents).
+        return torch.utils.checkpoint.checkpoint(attend, q, k, v, use_reentrant=False)
+    return attend(q, k, v)
 
 
 def sdpa_reference(q, k, v, cu_seqlens, causal: bool = True, scale: float | None = None) -> torch.Tensor:
