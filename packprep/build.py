@@ -239,7 +239,6 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
             batch = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, spool)
             loss[0] += int(np.asarray(batch.column("loss_mask").values).sum(dtype=np.int64))
             yield batch
-            spool.release()
 
     info = {"index": index, **write_shard(path, batches()), "loss_tokens": loss[0]}
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -250,8 +249,9 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
 class _Spool:
     """The tokenize outputs, memory-mapped lazily, one (ids, mask) pair per task.
 
-    `release()` after each batch drops the pages read so far from this process (MADV_DONTNEED; they stay in the
-    page cache), so a writer's RSS stays at one batch's pages instead of growing to the size of the spool.
+    `release(task)` drops the pages read from a task's files from this process (MADV_DONTNEED; they stay in the
+    page cache). Without it a writer's RSS grows to the size of the spool: the kernel maps 64 KB around every
+    faulted page ("fault-around"), so gathering shuffled rows maps nearly every page of every task file.
     """
 
     def __init__(self, folder: Path):
@@ -263,12 +263,11 @@ class _Spool:
             self.maps[task] = (np.load(p["ids"], mmap_mode="r"), np.load(p["mask"], mmap_mode="r"))
         return self.maps[task]
 
-    def release(self) -> None:
-        for arrays in self.maps.values():
-            for a in arrays:
-                m = getattr(a, "_mmap", None)
-                if m is not None and hasattr(m, "madvise"):
-                    m.madvise(mmap.MADV_DONTNEED)
+    def release(self, task: int) -> None:
+        for a in self.maps.get(task, ()):
+            m = getattr(a, "_mmap", None)
+            if m is not None and hasattr(m, "madvise"):
+                m.madvise(mmap.MADV_DONTNEED)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -302,6 +301,7 @@ def gather_rows(rows: np.ndarray, lay: dict, spool: _Spool):
         t_ids, t_mask = spool[task]
         ids[dst] = t_ids[src]
         mask[dst] = t_mask[src]
+        spool.release(task)  # RSS: at most one task file's pages mapped at a time
     return make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
 
 
