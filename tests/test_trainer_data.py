@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import random_lengths, write_packed
+from trainer_fixtures import one_torch_thread, random_lengths, write_packed
 
 from trainer.data import IGNORE_INDEX, PackedShards, VarlenBatch, budget_batches, make_varlen_batch
 
 SEQ = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

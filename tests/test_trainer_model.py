@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from trainer_fixtures import one_torch_thread
 
 from trainer import build_model, model_inputs, varlen_attention
 from trainer.data import make_varlen_batch
 from trainer.train import loss_sum, make_optimizer, train_step
 from trainer.varlen import resolve_backend
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def rel(a, b) -> float:

@@ -9,13 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-from trainer_fixtures import random_lengths, write_packed
+from trainer_fixtures import one_torch_thread, random_lengths, write_packed
 from typer.testing import CliRunner
 
 from packprep.cli import app
 from trainer.train import TrainConfig, train
 
 SEQ = 96
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")
