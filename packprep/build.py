@@ -24,7 +24,7 @@ import numpy as np
 
 import packprep
 from packprep.config import BuildConfig
-from packprep.executor import Executor, LocalExecutor
+from packprep.executor import Executor, make_executor
 from packprep.report import Progress
 from packprep.shards import (
     FORMAT_VERSION,
@@ -60,8 +60,16 @@ class BuildResult:
 
 def build(config: BuildConfig, progress: Progress | None = None, executor: Executor | None = None) -> BuildResult:
     """Run a whole build; returns the manifest (also written to OUT/packprep.json, last)."""
-    progress = progress or Progress(enabled=False)
-    executor = executor or LocalExecutor(config.workers)
+    if executor is not None:
+        return _build(config, progress or Progress(enabled=False), executor)
+    executor = make_executor(config.executor, config.workers, config.ray_address)
+    try:
+        return _build(config, progress or Progress(enabled=False), executor)
+    finally:
+        getattr(executor, "shutdown", lambda: None)()  # a Ray runtime this build started stops with it
+
+
+def _build(config: BuildConfig, progress: Progress, executor: Executor) -> BuildResult:
     out, t0, timings = Path(config.out), time.perf_counter(), {}
     inputs = list(config.inputs) or [DEFAULT_CORPUS]
     files = resolve_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`

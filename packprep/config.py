@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STRATEGIES = ("ffd", "bfd", "greedy", "random", "none")
+STRATEGIES = ("ffd", "bfd", "greedy", "random", "none", "b2f")  # == packprep.pack.STRATEGIES (no numba import here)
+EXECUTORS = ("local", "ray")
 LONG_DOCS = ("truncate", "split", "drop")
 FORMATS = ("auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca")
 DEFAULT_OUT = "packprep_out"
@@ -40,7 +41,7 @@ class BuildConfig:
     seq_len: int = 4096
     """Tokens per packed row (the training context length)."""
     strategy: str = "ffd"
-    """Packing strategy: ffd | bfd | greedy | random | none."""
+    """Packing strategy: ffd | bfd | greedy | random | none | b2f (ffd + exact two-document repairs)."""
     long_docs: str = "truncate"
     """Documents longer than seq_len: truncate (keep the first seq_len tokens) | split (pieces) | drop; counted."""
     workers: int = field(default_factory=default_workers)
@@ -65,6 +66,11 @@ class BuildConfig:
     """Input bytes per tokenize task (the unit of parallel work; the output does not depend on it)."""
     overwrite: bool = False
     """Replace a finished build in `out` that was made with different settings or inputs."""
+    executor: str = "local"
+    """Where tokenize and write tasks run: local (worker processes) | ray (a Ray cluster; same bytes)."""
+    ray_address: str | None = None
+    """Ray cluster to join with --executor ray ('auto', 'HOST:6379', 'ray://HOST:10001'; default: RAY_ADDRESS,
+    else a local Ray runtime)."""
 
     def __post_init__(self):
         if isinstance(self.inputs, (str, Path)):
@@ -73,6 +79,7 @@ class BuildConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("long_docs", self.long_docs, LONG_DOCS)
         _choice("format", self.format, FORMATS)
+        _choice("executor", self.executor, EXECUTORS)
         for name in ("seq_len", "workers", "chunk_bytes"):
             _positive(name, getattr(self, name))
         if self.shard_rows is not None:
@@ -97,7 +104,7 @@ class BuildConfig:
     def output_keys(self) -> dict:
         """The settings the output bytes depend on (workers and chunk size do not change a byte)."""
         d = self.to_dict()
-        for k in ("workers", "chunk_bytes", "out", "overwrite"):
+        for k in ("workers", "chunk_bytes", "out", "overwrite", "executor", "ray_address"):
             d.pop(k)
         return d
 

@@ -78,8 +78,12 @@ class LocalExecutor:
                 raise
 
 
-def make_executor(name: str = "local", workers: int = 1) -> Executor:
-    """The executor a build asks for by name ('local'; 'ray' is added by the cluster issue)."""
+def make_executor(name: str = "local", workers: int = 1, ray_address: str | None = None) -> Executor:
+    """The executor a build asks for by name: 'local' (worker processes) or 'ray' (Ray tasks)."""
     if name == "local":
         return LocalExecutor(workers)
-    raise ValueError(f"unknown executor {name!r}; expected: local")
+    if name == "ray":
+        from packprep.ray_executor import RayExecutor
+
+        return RayExecutor(address=ray_address, num_cpus=None if ray_address else workers)
+    raise ValueError(f"unknown executor {name!r}; expected: local, ray")
