@@ -6,7 +6,9 @@
 `auto` takes the first one that can run the given tensors, in that order, and logs its choice once.
 
 The fused kernels cost O(sum of doc_len^2 * H * D) work and O(T) memory: no mask tensor, no padding; the reference
-costs one kernel launch per document. Legend: T tokens, H query heads, Hkv key/value heads (GQA: H % Hkv == 0),
+costs one kernel launch per document. Where the installed `varlen_attn` lacks `enable_gqa` (torch 2.11), GQA repeats
+k/v and recomputes that in backward instead of storing it (+~6% step time on the H100 benchmark, -0.8 GB).
+Legend: T tokens, H query heads, Hkv key/value heads (GQA: H % Hkv == 0),
 D head dim, N documents.
 """
 
