@@ -12,9 +12,12 @@ from the memory-mapped spool plus one sha256 pass per shard. The spool (~5 bytes
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -58,15 +61,31 @@ class BuildResult:
     already_built: bool = False  # the folder held a finished build of the same config and inputs
 
 
+class DiskFullError(OSError):
+    """The output's filesystem ran out of space; the folder is left resumable."""
+
+
 def build(config: BuildConfig, progress: Progress | None = None, executor: Executor | None = None) -> BuildResult:
-    """Run a whole build; returns the manifest (also written to OUT/packprep.json, last)."""
-    if executor is not None:
-        return _build(config, progress or Progress(enabled=False), executor)
-    executor = make_executor(config.executor, config.workers, config.ray_address)
+    """Run a whole build; returns the manifest (also written to OUT/packprep.json, last).
+
+    Resumable: rerunning the same config on an unfinished OUT reuses every finished task (see the module doc).
+    """
+    progress = progress or Progress(enabled=False)
+    own = executor is None
+    executor = executor or make_executor(config.executor, config.workers, config.ray_address)
     try:
-        return _build(config, progress or Progress(enabled=False), executor)
+        return _build(config, progress, executor)
+    except OSError as e:
+        if e.errno != errno.ENOSPC and "No space left on device" not in str(e):
+            raise
+        out = Path(config.out)
+        free = shutil.disk_usage(out if out.exists() else out.parent).free
+        where = e.filename or out
+        raise DiskFullError(errno.ENOSPC, f"disk full writing {where}: {free:,} bytes free on {out}'s filesystem; "
+                            "free space and rerun the same command to resume (finished tasks are kept)") from None
     finally:
-        getattr(executor, "shutdown", lambda: None)()  # a Ray runtime this build started stops with it
+        if own:
+            getattr(executor, "shutdown", lambda: None)()  # a Ray runtime this build started stops with it
 
 
 def _build(config: BuildConfig, progress: Progress, executor: Executor) -> BuildResult:
@@ -74,11 +93,13 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     inputs = list(config.inputs) or [DEFAULT_CORPUS]
     files = resolve_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
     fingerprints = [_fingerprint(p) for p in inputs]
-    previous = _check_out(out, config, fingerprints)
+    identity = _identity(config, fingerprints)
+    previous = _check_out(out, config, identity)
     if previous is not None:
+        shutil.rmtree(out / WORK, ignore_errors=True)  # a build killed after its manifest, before this cleanup
         return BuildResult(out, previous, already_built=True)
     work = out / WORK
-    _prepare_work(work, {"config": config.output_keys(), "chunk_bytes": config.chunk_bytes, "inputs": fingerprints})
+    resumed = _prepare_work(work, identity, config.overwrite, progress)
 
     # prepare: inputs -> files -> tasks; tokenizer resolved to a local folder once
     if inputs == [DEFAULT_CORPUS]:
@@ -99,22 +120,31 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     spool = work / "spool"
     spool.mkdir(parents=True, exist_ok=True)
     results = [None] * len(tasks)
+    reused = {"tokenize_tasks": sum(spool_paths(spool, i)["done"].exists() for i in range(len(tasks)))}
     with progress.stage("tokenize", len(tasks), "chunks") as bar:
-        for r in executor.imap(tokenize_task, tasks, TokenizeContext(str(tok_dir), str(spool))):
+        for n, r in enumerate(executor.imap(tokenize_task, tasks, TokenizeContext(str(tok_dir), str(spool))), 1):
             results[r.index] = r
             bar.advance(1, docs=r.docs, tokens=r.tokens)
+            _test_kill(f"tokenize:{n}")
     timings["tokenize"] = time.perf_counter() - t
 
-    # lengths -> long-doc policy -> pack -> row order, saved for the write tasks
+    # lengths -> long-doc policy -> pack -> row order, saved for the write tasks (marker last; reused on resume)
     t = time.perf_counter()
-    lengths = np.concatenate([np.load(spool_paths(spool, i)["len"]) for i in range(len(tasks))] or
-                             [np.zeros(0, np.int32)])
-    if not len(lengths) or not lengths.any():
-        raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in {', '.join(inputs)}")
-    task_tokens = np.array([r.tokens for r in results], np.int64)
-    layout, counts, stats = plan_layout(lengths, config)
-    _save_layout(work / "layout", layout, np.concatenate([[0], np.cumsum(task_tokens)]))
-    del lengths, layout
+    layout_done = work / "layout" / "done.json"
+    reused["layout"] = layout_done.is_file()
+    if reused["layout"]:
+        counts, stats = (json.loads(layout_done.read_text())[k] for k in ("counts", "stats"))
+    else:
+        lengths = np.concatenate([np.load(spool_paths(spool, i)["len"]) for i in range(len(tasks))] or
+                                 [np.zeros(0, np.int32)])
+        if not len(lengths) or not lengths.any():
+            raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in {', '.join(inputs)}")
+        task_tokens = np.array([r.tokens for r in results], np.int64)
+        layout, counts, stats = plan_layout(lengths, config)
+        _save_layout(work / "layout", layout, np.concatenate([[0], np.cumsum(task_tokens)]))
+        write_json_atomic(layout_done, {"counts": counts, "stats": stats})
+        del lengths, layout
+    _test_kill("pack")
     timings["pack"] = time.perf_counter() - t
 
     # write: one task per shard, gathering rows from the memory-mapped spool
@@ -123,10 +153,15 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     num_shards = -(-rows // per)
     ctx = WriteContext(str(out), str(work), len(tasks), rows, per, num_shards, max(1, (1 << 20) // config.seq_len))
     shards = [None] * num_shards
+    reused["shards"] = sum(_shard_done(ctx, k) is not None for k in range(num_shards))
+    if resumed:
+        progress.log(f"resuming {out}: reusing {reused['tokenize_tasks']}/{len(tasks)} tokenize tasks, "
+                     f"{'the' if reused['layout'] else 'no'} packing plan, {reused['shards']}/{num_shards} shards")
     with progress.stage("write", num_shards, "shards") as bar:
-        for info in executor.imap(write_shard_task, range(num_shards), ctx):
+        for n, info in enumerate(executor.imap(write_shard_task, range(num_shards), ctx), 1):
             shards[info["index"]] = {k: v for k, v in info.items() if k != "index"}
             bar.advance(1, rows=info["rows"], tokens=info["tokens"])
+            _test_kill(f"write:{n}")
     counts["loss_tokens"] = sum(s["loss_tokens"] for s in shards)
     fingerprint = sha256_of_strings([s["sha256"] for s in shards])
     write_hf_metadata(out, [s["file"] for s in shards], fingerprint, description="packprep build")
@@ -150,6 +185,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         "shards": shards,
         "fingerprint": fingerprint,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "resumed": reused if resumed else None,  # finished work an earlier, interrupted run left and this one reused
     }
     write_json_atomic(out / MANIFEST, manifest)  # last: a folder without it is an unfinished build
     shutil.rmtree(work, ignore_errors=True)
@@ -229,13 +265,27 @@ class WriteContext:
     batch_rows: int
 
 
+def _shard_done(ctx: WriteContext, index: int) -> dict | None:
+    """A finished shard's marker info: the marker exists and the shard file has the size it records."""
+    marker = Path(ctx.work) / "shards" / f"s{index:05d}.done.json"
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    path = Path(ctx.out) / info["file"]
+    return info if path.is_file() and path.stat().st_size == info["bytes"] else None
+
+
 def write_shard_task(index: int, ctx: WriteContext) -> dict:
-    """Gather shard `index`'s rows from the spool and write the shard; its `.done.json` marker comes last."""
+    """Gather shard `index`'s rows from the spool and write the shard; its `.done.json` marker comes last.
+
+    Idempotent: a shard whose marker exists (and whose file has the recorded size) is not rewritten.
+    """
     work = Path(ctx.work)
     marker = work / "shards" / f"s{index:05d}.done.json"
     path = Path(ctx.out) / shard_name(index, ctx.num_shards)
-    if marker.exists() and path.exists():
-        return json.loads(marker.read_text())
+    done = _shard_done(ctx, index)
+    if done is not None:
+        return done
     lay = {k: np.load(work / "layout" / f"{k}.npy", mmap_mode="r")
            for k in ("row_offsets", "order", "doc", "pos", "len", "task_token_base")}
     spool = _Spool(work / "spool")
@@ -247,6 +297,7 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
             batch = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, spool)
             loss[0] += int(np.asarray(batch.column("loss_mask").values).sum(dtype=np.int64))
             yield batch
+            _test_kill(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
     info = {"index": index, **write_shard(path, batches()), "loss_tokens": loss[0]}
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -332,8 +383,28 @@ def _fingerprint(spec: str) -> dict:
     return {"input": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in files]}
 
 
-def _check_out(out: Path, config: BuildConfig, fingerprints: list[dict]) -> dict | None:
-    """None: go ahead. A manifest: the same build is already finished. Raises on a folder that is not ours."""
+def _identity(config: BuildConfig, fingerprints: list[dict]) -> dict:
+    """What a build's output depends on, as JSON: settings that change bytes, the task split, input fingerprints."""
+    return json.loads(json.dumps({"config": config.output_keys(), "chunk_bytes": config.chunk_bytes,
+                                  "inputs": fingerprints}))
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """['seq_len: 1024 -> 128', 'the inputs (...)'] between two identities (chunk_bytes does not change a byte)."""
+    keys = sorted(set(old["config"]) | set(new["config"]))
+    diff = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in keys
+            if old["config"].get(k) != new["config"].get(k)]
+    if old.get("inputs") != new["inputs"] and old["config"].get("inputs") == new["config"].get("inputs"):
+        diff.append("the input files changed (sizes or mtimes)")
+    return diff
+
+
+_OURS = ("data-", "state.json", "dataset_info.json", MANIFEST, "rejects.jsonl", WORK)
+
+
+def _check_out(out: Path, config: BuildConfig, identity: dict) -> dict | None:
+    """None: go ahead. A manifest: the same build is already finished. Raises on a folder that is not ours, and
+    on a finished build of other settings or inputs unless --overwrite."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -341,17 +412,15 @@ def _check_out(out: Path, config: BuildConfig, fingerprints: list[dict]) -> dict
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        old_keys = BuildConfig(**old["config"]).output_keys()
-        diff = sorted(k for k, v in config.output_keys().items() if old_keys.get(k) != v)
-        same_inputs = old.get("inputs", {}).get("specs") == json.loads(json.dumps(fingerprints))
-        if not diff and same_inputs:
+        old_id = {"config": BuildConfig(**old["config"]).output_keys(), "inputs": old.get("inputs", {}).get("specs")}
+        diff = _differences(old_id, identity)
+        if not diff:
             return old
         if not config.overwrite:
-            what = ", ".join(f"{k}: {old_keys.get(k)!r} -> {getattr(config, k)!r}" for k in diff) or "the inputs"
-            raise FileExistsError(f"{out} holds a finished build with different settings ({what}); "
+            raise FileExistsError(f"{out} holds a finished build with different settings ({'; '.join(diff)}); "
                                   "pass --overwrite or choose another --out")
         _remove_build(out, old)
-    elif any(out.iterdir()) and not (out / WORK).exists():
+    elif any(not p.name.startswith(_OURS) for p in out.iterdir()):
         raise FileExistsError(f"--out {out} exists, is not empty and is not a packprep output folder; "
                               "choose another --out")
     return None
@@ -365,15 +434,42 @@ def _remove_build(out: Path, manifest: dict) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _prepare_work(work: Path, identity: dict) -> None:
-    """Keep an unfinished build's work folder when it was made by the same settings (finished tasks are reused);
-    otherwise start it afresh."""
-    marker = work / "build.json"
-    if work.exists() and not (marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(identity))):
-        shutil.rmtree(work)
+def _prepare_work(work: Path, identity: dict, overwrite: bool, progress: Progress) -> bool:
+    """Keep an unfinished build's work folder when it was made with the same identity (finished tasks are reused:
+    returns True). One of other settings or inputs that holds finished tasks is refused unless --overwrite (hours of
+    tokenizing are not thrown away by a mistyped flag); one with none (e.g. it stopped at a bad input in its first
+    task) or differing only in chunk size restarts. Either way stale temporary files of killed writers are removed,
+    so no half-written file is ever taken up."""
+    marker, out = work / "build.json", work.parent
+    old = json.loads(marker.read_text()) if marker.is_file() else None
+    keep = old is not None and old == identity
+    if old is not None and not keep:
+        diff = _differences(old, identity)
+        finished = sum(1 for _ in work.glob("*/*.done.json"))
+        if diff and finished and not overwrite:
+            raise FileExistsError(f"{out} holds an unfinished build of different settings ({'; '.join(diff)}) with "
+                                  f"{finished} finished task(s); rerun the same command to resume it, or pass "
+                                  "--overwrite to discard it")
+        if finished:
+            progress.log(f"{out}: discarding an unfinished build of other settings ({'; '.join(diff) or 'chunk size'})")
+    if not keep:
+        marker.unlink(missing_ok=True)  # first: a half-deleted work folder is never taken for a reusable one
+        shutil.rmtree(work, ignore_errors=True)
+        for p in out.glob("data-*-of-*.arrow*"):  # shards of the discarded run (none is finished: no manifest)
+            p.unlink(missing_ok=True)
+    for p in [*out.glob("*.tmp*"), *work.rglob("*.tmp*")]:  # writers killed mid-file: never a finished output
+        p.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
+    if not keep:
         write_json_atomic(marker, identity)
+    return keep
+
+
+def _test_kill(point: str) -> None:
+    """Test hook for the crash tests: PACKPREP_TEST_KILL_AT=tokenize:3 | pack | write:1 | shard:0 SIGKILLs this
+    process there (after the 3rd tokenize result, after the plan is saved, after the 1st shard, mid-shard 0)."""
+    if os.environ.get("PACKPREP_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _input_records(fingerprints, files, tasks, results) -> dict:

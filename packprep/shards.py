@@ -105,19 +105,23 @@ def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     rows = tokens = 0
-    with pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_stream(sink, SCHEMA) as writer:
-            for batch in batches:
-                writer.write_batch(batch)
-                rows += batch.num_rows
-                tokens += len(batch.column(0).values)
-    digest = sha256_file(tmp)
-    if fsync:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink:
+            with pa.ipc.new_stream(sink, SCHEMA) as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                    tokens += len(batch.column(0).values)
+        digest = sha256_file(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an error (disk full, ...) leaves no partial file behind; a kill -9 may
+        raise  # leave one, which the next build removes before it resumes
     os.replace(tmp, path)
     return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size, "sha256": digest}
 
