@@ -122,7 +122,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     results = [None] * len(tasks)
     reused = {"tokenize_tasks": sum(spool_paths(spool, i)["done"].exists() for i in range(len(tasks)))}
     with progress.stage("tokenize", len(tasks), "chunks") as bar:
-        for n, r in enumerate(executor.imap(tokenize_task, tasks, TokenizeContext(str(tok_dir), str(spool))), 1):
+        for n, r in enumerate(executor.imap(tokenize_task, tasks, TokenizeContext(str(tok_dir), str(spool),
+                                                                                       config.on_error)), 1):
             results[r.index] = r
             bar.advance(1, docs=r.docs, tokens=r.tokens)
             _test_kill(f"tokenize:{n}")
@@ -137,7 +138,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     else:
         lengths = np.concatenate([np.load(spool_paths(spool, i)["len"]) for i in range(len(tasks))] or
                                  [np.zeros(0, np.int32)])
-        if not len(lengths) or not lengths.any():
+        if not (lengths > 0).any():
             raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in {', '.join(inputs)}")
         task_tokens = np.array([r.tokens for r in results], np.int64)
         layout, counts, stats = plan_layout(lengths, config)
@@ -167,6 +168,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     write_hf_metadata(out, [s["file"] for s in shards], fingerprint, description="packprep build")
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
+
+    counts["rejected_reasons"] = _write_rejects(out, spool, results)
 
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -204,6 +207,8 @@ def plan_layout(lengths: np.ndarray, config: BuildConfig) -> tuple[dict, dict, d
     from packprep.stats import plan_stats
 
     seq_len = config.seq_len
+    rejected = lengths < 0  # -1: a record set aside by --on-error skip (it keeps its document index, no tokens)
+    lengths = np.maximum(lengths, 0)
     doc_start = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])  # spool position of each doc
     empty, long = lengths == 0, lengths > seq_len
     if config.long_docs == "split":
@@ -224,8 +229,8 @@ def plan_layout(lengths: np.ndarray, config: BuildConfig) -> tuple[dict, dict, d
         "packed": int((~empty & ~long).sum()),
         "truncated": n_long if config.long_docs == "truncate" else 0,
         "split": n_long if config.long_docs == "split" else 0,
-        "dropped": {"empty": int(empty.sum()), "too_long": n_long if config.long_docs == "drop" else 0},
-        "rejected": 0,
+        "dropped": {"empty": int((empty & ~rejected).sum()), "too_long": n_long if config.long_docs == "drop" else 0},
+        "rejected": int(rejected.sum()),
         "truncated_tokens": int((lengths[long] - seq_len).sum()) if config.long_docs == "truncate" else 0,
     }
     plan = pack(piece_len.astype(np.int32), seq_len, config.strategy, config.seed)
@@ -430,7 +435,7 @@ def _remove_build(out: Path, manifest: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)  # first: from here on the folder is an unfinished build
     for s in manifest.get("shards", []):
         (out / s["file"]).unlink(missing_ok=True)
-    for name in ("state.json", "dataset_info.json"):
+    for name in ("state.json", "dataset_info.json", "rejects.jsonl"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -470,6 +475,27 @@ def _test_kill(point: str) -> None:
     process there (after the 3rd tokenize result, after the plan is saved, after the 1st shard, mid-shard 0)."""
     if os.environ.get("PACKPREP_TEST_KILL_AT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_rejects(out: Path, spool: Path, results) -> dict[str, int]:
+    """OUT/rejects.jsonl: the tasks' rejects concatenated in task order (the same bytes for any --workers), written
+    to a temporary name and renamed; no rejects: no file. Returns the count of rejected records by kind."""
+    reasons: dict[str, int] = {}
+    path, tmp = out / "rejects.jsonl", out / WORK / "rejects.jsonl.tmp"
+    if not any(r.rejected for r in results):
+        path.unlink(missing_ok=True)
+        return reasons
+    with open(tmp, "wb") as f:
+        for r in results:
+            for kind, n in r.rejected_reasons.items():
+                reasons[kind] = reasons.get(kind, 0) + n
+            if r.rejected:
+                with open(spool_paths(spool, r.index)["rejects"], "rb") as src:
+                    shutil.copyfileobj(src, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return dict(sorted(reasons.items()))
 
 
 def _input_records(fingerprints, files, tasks, results) -> dict:

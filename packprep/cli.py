@@ -89,6 +89,7 @@ def build(
     completion_field: str = typer.Option(None, help=_FIELD_DOCS["completion_field"]),
     messages_field: str = typer.Option(None, help=_FIELD_DOCS["messages_field"]),
     shard_rows: int = typer.Option(None, help=_FIELD_DOCS["shard_rows"]),
+    on_error: str = typer.Option(None, help=_FIELD_DOCS["on_error"] + " [default: raise]"),
     overwrite: bool = typer.Option(None, "--overwrite", help=_FIELD_DOCS["overwrite"]),
     executor: str = typer.Option(None, help=_FIELD_DOCS["executor"] + " [default: local]"),
     ray_address: str = typer.Option(None, help=_FIELD_DOCS["ray_address"]),
@@ -103,8 +104,8 @@ def build(
     cfg = merge(config, inputs=tuple(inputs or ()), out=out, tokenizer=tokenizer, seq_len=seq_len,
                 strategy=strategy, long_docs=long_docs, workers=workers, seed=seed, shuffle=shuffle, format=format,
                 text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
-                messages_field=messages_field, shard_rows=shard_rows, overwrite=overwrite, executor=executor,
-                ray_address=ray_address)
+                messages_field=messages_field, shard_rows=shard_rows, on_error=on_error, overwrite=overwrite,
+                executor=executor, ray_address=ray_address)
     result = run_build(cfg, progress=Progress(err_console, enabled=not quiet))
     if result.already_built:
         console.print(f"{result.out} already holds this build (same settings and inputs): nothing to do",

@@ -14,6 +14,7 @@ from pathlib import Path
 STRATEGIES = ("ffd", "bfd", "greedy", "random", "none", "b2f")  # == packprep.pack.STRATEGIES (no numba import here)
 EXECUTORS = ("local", "ray")
 LONG_DOCS = ("truncate", "split", "drop")
+ON_ERROR = ("raise", "skip")
 FORMATS = ("auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca")
 DEFAULT_OUT = "packprep_out"
 DEFAULT_TOKENIZER = "builtin"  # packprep/assets/tokenizer: the byte-level BPE the project trains itself
@@ -62,6 +63,9 @@ class BuildConfig:
     """Field holding a conversation (chat: 'messages' of role/content; sharegpt: 'conversations' of from/value)."""
     shard_rows: int | None = None
     """Rows per shard (default: about 256 MB of tokens per shard)."""
+    on_error: str = "raise"
+    """A bad input record (malformed JSON, wrong type, missing or null field, unknown chat role): raise (stop with
+    file, line and reason) | skip (set it aside in OUT/rejects.jsonl, count it in the manifest, go on)."""
     chunk_bytes: int = 2 << 20
     """Input bytes per tokenize task (the unit of parallel work; the output does not depend on it)."""
     overwrite: bool = False
@@ -80,6 +84,7 @@ class BuildConfig:
         _choice("long_docs", self.long_docs, LONG_DOCS)
         _choice("format", self.format, FORMATS)
         _choice("executor", self.executor, EXECUTORS)
+        _choice("on_error", self.on_error, ON_ERROR)
         for name in ("seq_len", "workers", "chunk_bytes"):
             _positive(name, getattr(self, name))
         if self.shard_rows is not None:

@@ -134,7 +134,10 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
             continue  # an empty file holds no records (it still counts as an input in the manifest)
         if kind == "json":
             kind = _json_kind(path)
-        fmt = resolve_format(path, peek_schema(path, kind), format, **fields)
+        schema = peek_schema(path, kind)
+        if schema is None:
+            continue  # no records (blank lines, an empty array): ignored like an empty file
+        fmt = resolve_format(path, schema, format, **fields)
         for start, stop in _chunks(path, kind, chunk_bytes):
             tasks.append(ReadTask(len(tasks), str(path), kind, start, stop, fmt))
     return tasks
@@ -175,17 +178,15 @@ def _group(sizes: list[int], chunk_bytes: int) -> list[tuple[int, int]]:
     return groups
 
 
-def peek_schema(path: Path, kind: str) -> pa.Schema:
-    """The schema of a file's first records, read without parsing the whole file."""
+def peek_schema(path: Path, kind: str) -> pa.Schema | None:
+    """The schema of a file's first records (JSON: the union of the first records' fields), read without parsing
+    the whole file; None for a file without records (empty, blank lines only, an empty array)."""
     try:
         if kind == "jsonl":
-            with open(path, "rb") as f:
-                head = f.readline()
-            if not head.strip():
-                raise ValueError(f"{path}: empty file (or first line empty); no records to read")
-            return _parse_jsonl(head, path, 0).schema
+            return _peek_jsonl(path)
         if kind == "json":
-            return pa.Table.from_pylist(_first_json_record(path)).schema
+            records = [r for r in _load_json_array(path)[:_PEEK_LINES] if isinstance(r, dict)]
+            return _union([pa.Table.from_pylist([r]).schema for r in records]) if records else None
         if kind == "parquet":
             return pq.read_schema(path)
         if kind == "arrow":
@@ -197,14 +198,35 @@ def peek_schema(path: Path, kind: str) -> pa.Schema:
     raise AssertionError(kind)
 
 
-def _first_json_record(path: Path) -> list[dict]:
-    text = Path(path).read_text(encoding="utf-8")  # one JSON array: the whole file is one task anyway
-    data = json.loads(text)
-    if not isinstance(data, list) or (data and not isinstance(data[0], dict)):
-        raise ValueError(f"{path}: expected a JSON array of objects (or JSON lines)")
-    if not data:
-        raise ValueError(f"{path}: empty JSON array; no records to read")
-    return data[:1]
+def _peek_jsonl(path: Path) -> pa.Schema | None:
+    with open(path, "rb") as f:
+        head = f.read(_PEEK_BYTES)
+        head += f.readline()  # whole lines only (the first may be tens of MB)
+    lines = [x for x in head.split(b"\n") if x.strip()][:_PEEK_LINES]
+    schemas, first_bad = [], None
+    for raw in lines:
+        rec = _json_line(raw)
+        if isinstance(rec, dict):
+            try:
+                schemas.append(_parse_jsonl(raw).schema)
+            except pa.ArrowInvalid:  # valid JSON that pyarrow does not take (the read reports it)
+                continue
+        elif first_bad is None:
+            first_bad = rec if isinstance(rec, _Bad) else _Bad("wrong_type", f"expected an object, got {_jtype(rec)}")
+    if lines and not schemas:  # no record to tell the format from: the first line's problem
+        line = _line_of_text(path, lines[0].rstrip(b"\r").decode("utf-8", "replace"))
+        raise RecordError(f"{path} line {line}: {first_bad.reason if first_bad else 'no JSON object'}")
+    return _union(schemas) if schemas else None
+
+
+def _union(schemas: list[pa.Schema]) -> pa.Schema:
+    """Fields of all schemas in first-seen order; a field's type from the first schema where it is not null."""
+    fields: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for f in schema:
+            if f.name not in fields or pa.types.is_null(fields[f.name].type):
+                fields[f.name] = f
+    return pa.schema(list(fields.values()))
 
 
 def resolve_format(path, schema: pa.Schema, format: str = "auto", *, text_field=None, prompt_field=None,
@@ -256,14 +278,59 @@ def _is_sharegpt(schema: pa.Schema, field: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def read_task(task: ReadTask, batch_rows: int = 2048) -> Iterator[Docs]:
-    """The task's documents, in file order, in batches of at most batch_rows."""
-    for table in _read_tables(task):
-        for off in range(0, table.num_rows, batch_rows):
-            yield to_docs(table.slice(off, batch_rows), task)
+class RecordError(ValueError):
+    """A bad input record under --on-error raise, as one line: 'data.jsonl line 17: malformed JSON: ...'."""
 
 
-def _read_tables(task: ReadTask) -> Iterator[pa.Table]:
+@dataclass(frozen=True)
+class Reject:
+    """A record that cannot become a document: where it is, why, and the start of its raw text."""
+
+    index: int  # position among its task's records (the document index it would have had)
+    file: str
+    where: str  # line (JSONL/CSV, 1-based) | element (JSON array, 0-based) | row (Parquet/Arrow, 0-based)
+    at: int | None
+    kind: str  # malformed_json | invalid_utf8 | wrong_type | missing_field | null | unknown_role | bad_row
+    reason: str
+    raw: str
+
+    def message(self) -> str:
+        at = f" {self.where} {self.at}" if self.at is not None else ""
+        return f"{self.file}{at}: {self.reason}"
+
+    def to_json(self) -> dict:
+        return {"file": self.file, self.where: self.at, "kind": self.kind, "reason": self.reason, "raw": self.raw}
+
+
+class _Bad(Exception):
+    """One record's problem (internal; becomes a Reject or a RecordError)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+RAW_PREFIX = 200  # characters of a rejected record kept in rejects.jsonl
+_PEEK_BYTES, _PEEK_LINES = 1 << 16, 100  # format detection reads the union of the first lines' fields
+
+
+def read_task(task: ReadTask, batch_rows: int = 2048, rejects: list[Reject] | None = None) -> Iterator[Docs]:
+    """The task's documents, in file order, in batches of at most batch_rows.
+
+    A bad record raises RecordError (file, line/row, reason); given a `rejects` list, it is appended there and
+    reading goes on. Fast path: pyarrow parses a whole chunk and its columns are checked at once (types, nulls,
+    UTF-8); only a chunk that fails those checks is read again record by record, in Python, to find the bad ones.
+    """
+    seen = 0  # records of this task so far
+    for part, locate in _read_parts(task):
+        n = part.num_rows if isinstance(part, pa.Table) else len(part)
+        for off in range(0, n, batch_rows):
+            yield _to_docs(part[off : off + batch_rows], task, seen + off, lambda i, o=off: locate(o + i), rejects)
+        seen += n
+
+
+def _read_parts(task: ReadTask):
+    """(a checked table, or a list of Python records, and locate(i) -> (where, at, raw)) per piece of the task."""
     path = Path(task.path)
     cols = [f for f in task.format.fields]
     try:
@@ -271,41 +338,104 @@ def _read_tables(task: ReadTask) -> Iterator[pa.Table]:
             with open(path, "rb") as f:
                 f.seek(task.start)
                 buf = f.read(task.stop - task.start)
-            yield _parse_jsonl(buf, path, task.start)
+            lines = _Lines(buf, path, task.start)
+            try:
+                table = _parse_jsonl(buf)
+            except pa.ArrowInvalid:  # pyarrow fails the whole chunk on one bad line
+                table = None
+            if table is not None and _table_ok(table, task.format):
+                yield table, lines.locate
+            else:  # find the bad lines one by one (only in a chunk that failed)
+                yield [_json_line(raw) for _, raw in lines.lines], lines.locate
         elif task.kind == "json":
-            yield pa.Table.from_pylist(json.loads(path.read_text(encoding="utf-8")))
-        elif task.kind == "parquet":
-            pf = pq.ParquetFile(path)
-            have = [c for c in cols if c in pf.schema_arrow.names]
-            for rg in range(task.start, task.stop):
-                yield pf.read_row_group(rg, columns=have, use_threads=False)
-        elif task.kind == "arrow":
-            for i, batch in enumerate(_arrow_batches(path)):
-                if task.start <= i < task.stop:
-                    yield pa.Table.from_batches([batch])
+            records = _load_json_array(path)
+            yield records, lambda i: ("element", i, _raw(records[i]))
+        elif task.kind in ("parquet", "arrow"):
+            if task.kind == "parquet":
+                pf = pq.ParquetFile(path)
+                have = [c for c in cols if c in pf.schema_arrow.names]
+                row = sum(pf.metadata.row_group(i).num_rows for i in range(task.start))
+                tables = (pf.read_row_group(rg, columns=have, use_threads=False) for rg in range(task.start, task.stop))
+            else:
+                batches = list(_arrow_batches(path))
+                row = sum(b.num_rows for b in batches[: task.start])
+                tables = (pa.Table.from_batches([b]) for b in batches[task.start : task.stop])
+            for table in tables:
+                yield _checked(table, task.format), lambda i, r=row: ("row", r + i, None)
+                row += table.num_rows
         elif task.kind == "csv":
-            reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(use_threads=False),
-                                   parse_options=_csv_parse(path),
+            bad: list = []
+            parse = _csv_parse(path)
+            parse.invalid_row_handler = lambda r: bad.append(r) or "skip"
+            reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(use_threads=False), parse_options=parse,
                                    convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in cols}))
+            line = 2  # 1-based, after the header (exact unless a value holds a newline)
             for batch in reader:
-                yield pa.Table.from_batches([batch])
+                table = _checked(pa.Table.from_batches([batch]), task.format)
+                yield table, lambda i, b=line: ("line", b + i, None)
+                line += batch.num_rows
+                for r in bad:  # rows with the wrong number of columns (placed after the batch they were in)
+                    yield [_Bad("bad_row", f"expected {r.expected_columns} columns, got {r.actual_columns}")], \
+                        lambda i, t=r.text: ("line", _line_of_text(path, t), t[:RAW_PREFIX])
+                bad.clear()
     except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read as {task.kind}: {_first_line(e)}") from None
 
 
-def _parse_jsonl(buf: bytes, path: Path, byte_start: int) -> pa.Table:
+class _Lines:
+    """The non-blank lines of a JSONL chunk with their 1-based line numbers (computed only when asked)."""
+
+    def __init__(self, buf: bytes, path: Path, start: int):
+        self.buf, self.path, self.start, self._lines = buf, path, start, None
+
+    @property
+    def lines(self) -> list[tuple[int, bytes]]:
+        if self._lines is None:
+            first = _line_of(self.path, self.start)
+            self._lines = [(first + k, x) for k, x in enumerate(self.buf.split(b"\n")) if x.strip()]
+        return self._lines
+
+    def locate(self, i: int) -> tuple[str, int, str]:
+        line, raw = self.lines[i]
+        return "line", line, raw.decode("utf-8", "replace")[:RAW_PREFIX]
+
+
+def _json_line(raw: bytes):
+    """One JSONL line -> a Python record, or a _Bad saying why it is not one."""
     try:
-        return pjson.read_json(pa.BufferReader(buf),
-                               read_options=pjson.ReadOptions(use_threads=False, block_size=max(len(buf), 1 << 16)))
-    except pa.ArrowInvalid as e:
-        line = _line_of(path, byte_start)
-        raise ValueError(f"{path}: malformed JSON lines after line {line}: {_first_line(e)}") from None
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return _Bad("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
+    except json.JSONDecodeError as e:
+        return _Bad("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})")
+
+
+def _load_json_array(path: Path) -> list:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of objects (or JSON lines)")
+    return data
+
+
+def _parse_jsonl(buf: bytes) -> pa.Table:
+    """pyarrow's JSON reader over a whole chunk (block_size >= the chunk, so a record of any size fits)."""
+    return pjson.read_json(pa.BufferReader(buf),
+                           read_options=pjson.ReadOptions(use_threads=False, block_size=max(len(buf), 1 << 16)))
 
 
 def _line_of(path: Path, byte_pos: int) -> int:
     """1-based line number of byte_pos (only on the error path: reads the file prefix)."""
     with open(path, "rb") as f:
         return f.read(byte_pos).count(b"\n") + 1
+
+
+def _line_of_text(path: Path, text: str) -> int | None:
+    """1-based line of the first line equal to `text` (a CSV row pyarrow could not parse; error path only)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return next((k for k, x in enumerate(f, 1) if x.rstrip("\r\n") == text), None)
 
 
 def _open_arrow(path: Path):
@@ -333,53 +463,157 @@ def _first_line(e: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------------- records
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # kept as they are; ROLES' aliases map
 
-def to_docs(table: pa.Table, task: ReadTask) -> Docs:
-    """Columns of one record batch -> Docs in the shape the tokenizer wants (checks types and nulls)."""
+
+def _table_ok(table: pa.Table, fmt: Format) -> bool:
+    """Whole-column checks (the fast path): every field present, no nulls, the right type, valid UTF-8."""
+    for name in fmt.fields:
+        optional = fmt.name == "alpaca" and name == "input"
+        if name not in table.column_names:
+            if optional:
+                continue
+            return False
+        col = table[name]
+        t = col.type
+        if col.null_count and not optional:
+            return False
+        if fmt.name in ("chat", "sharegpt"):
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+                return False
+        elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            return False
+        try:
+            col.validate(full=True)  # UTF-8 (pyarrow's JSON reader does not check it)
+        except pa.ArrowInvalid:
+            return False
+    return True
+
+
+def _checked(table: pa.Table, fmt: Format):
+    return table if _table_ok(table, fmt) else _table_records(table)
+
+
+def _table_records(table: pa.Table) -> list:
+    """A table that failed the column checks as Python records (a row with invalid UTF-8 becomes a _Bad)."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        out = []
+        for i in range(table.num_rows):
+            try:
+                out += table.slice(i, 1).to_pylist()
+            except UnicodeDecodeError as e:
+                out.append(_Bad("invalid_utf8", f"invalid UTF-8 at byte {e.start} of a text field"))
+        return out
+
+
+def _to_docs(part, task: ReadTask, first: int, locate, rejects) -> Docs:
+    """A checked table slice (fast: whole columns) or a list of Python records (each checked) -> Docs."""
     fmt = task.format
+    if isinstance(part, pa.Table) and fmt.name not in ("chat", "sharegpt"):
+        texts = {f: part[f].to_pylist() if f in part.column_names else [""] * part.num_rows for f in fmt.fields}
+        if fmt.name == "text":
+            return Docs(texts=texts[fmt.fields[0]])
+        if fmt.name == "prompt-completion":
+            return Docs(prompts=texts[fmt.fields[0]], completions=texts[fmt.fields[1]])
+        return Docs(prompts=[_alpaca_prompt(i, x) for i, x in zip(texts["instruction"], texts["input"])],
+                    completions=texts["output"])
+    if isinstance(part, pa.Table):  # chats: a Python pass per conversation in any case
+        records, convert = part[fmt.fields[0]].to_pylist(), lambda conv: _conversation(conv, fmt)
+    else:
+        records, convert = part, lambda rec: _record(rec, fmt)
+    good = []
+    for i, rec in enumerate(records):
+        try:
+            if isinstance(rec, _Bad):
+                raise rec
+            good.append(convert(rec))
+        except _Bad as bad:
+            where, at, raw = locate(i)
+            reject = Reject(first + i, task.path, where, at, bad.kind, bad.reason, raw if raw is not None else
+                            _raw(rec if not isinstance(rec, _Bad) else None))
+            if rejects is None:
+                raise RecordError(reject.message() + " (--on-error skip sets bad records aside)") from None
+            rejects.append(reject)
+    if fmt.name in ("chat", "sharegpt"):
+        return Docs(chats=good)
     if fmt.name == "text":
-        return Docs(texts=_strings(table, fmt.fields[0], task))
+        return Docs(texts=good)
+    return Docs(prompts=[p for p, _ in good], completions=[c for _, c in good])
+
+
+def _record(rec, fmt: Format):
+    """One Python record -> a text, a (prompt, completion) pair or a conversation; raises _Bad."""
+    if not isinstance(rec, dict):
+        raise _Bad("wrong_type", f"expected an object with field(s) {', '.join(fmt.fields)}, got {_jtype(rec)}")
+    if fmt.name in ("chat", "sharegpt"):
+        return _conversation(_field(rec, fmt.fields[0], fmt, check=False), fmt)
+    if fmt.name == "text":
+        return _field(rec, fmt.fields[0], fmt)
     if fmt.name == "prompt-completion":
-        return Docs(prompts=_strings(table, fmt.fields[0], task), completions=_strings(table, fmt.fields[1], task))
-    if fmt.name == "alpaca":
-        inst, out = _strings(table, "instruction", task), _strings(table, "output", task)
-        inp = _strings(table, "input", task, optional=True)
-        prompts = [i + ("\n\n" + x if x else "") + "\n\n" for i, x in zip(inst, inp)]
-        return Docs(prompts=prompts, completions=out)
-    return Docs(chats=[_messages(conv, task) for conv in _column(table, fmt.fields[0], task).to_pylist()])
+        return _field(rec, fmt.fields[0], fmt), _field(rec, fmt.fields[1], fmt)
+    inp = _field(rec, "input", fmt) if rec.get("input") is not None else ""
+    return _alpaca_prompt(_field(rec, "instruction", fmt), inp), _field(rec, "output", fmt)
 
 
-def _column(table: pa.Table, name: str, task: ReadTask) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        raise ValueError(f"{task.path}: field {name!r} not found; fields: {table.column_names}")
-    col = table[name]
-    if col.null_count:
-        raise ValueError(f"{task.path}: field {name!r} is null in {col.null_count} record(s) of task {task.index}")
-    return col
+def _field(rec: dict, name: str, fmt: Format, check: bool = True):
+    if name not in rec:
+        raise _Bad("missing_field", f"field {name!r} missing ({fmt.name} format); fields: {list(rec)}")
+    v = rec[name]
+    if v is None:
+        raise _Bad("null", f"field {name!r} is null")
+    if check and not isinstance(v, str):
+        raise _Bad("wrong_type", f"field {name!r} holds {_jtype(v)}, expected text")
+    return v
 
 
-def _strings(table: pa.Table, name: str, task: ReadTask, optional: bool = False) -> list[str]:
-    if optional and name not in table.column_names:
-        return [""] * table.num_rows
-    col = _column(table, name, task)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise ValueError(f"{task.path}: field {name!r} holds {col.type}, expected text")
-    return col.to_pylist()
+def _alpaca_prompt(instruction: str, inp: str | None) -> str:
+    return instruction + ("\n\n" + inp if inp else "") + "\n\n"
 
 
-def _messages(conv, task: ReadTask) -> list[dict]:
+def _conversation(conv, fmt: Format) -> list[dict]:
+    """A list of messages (role/content, or ShareGPT from/value) -> [{"role", "content"}]; raises _Bad."""
+    if conv is None:
+        raise _Bad("null", f"field {fmt.fields[0]!r} is null")
     if not isinstance(conv, list):
-        raise ValueError(f"{task.path}: field {task.format.fields[0]!r} must hold a list of messages")
+        raise _Bad("wrong_type", f"field {fmt.fields[0]!r} holds {_jtype(conv)}, expected a list of messages")
     out = []
-    for m in conv:
-        if "from" in m and m.get("role") is None:
-            role = ROLES.get(str(m["from"]).lower())
-            if role is None:
-                raise ValueError(f"{task.path}: unknown chat role {m['from']!r}; known: {', '.join(ROLES)}")
-            out.append({"role": role, "content": m.get("value") or ""})
+    for k, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise _Bad("wrong_type", f"message {k} is {_jtype(m)}, expected an object with role and content")
+        sharegpt = m.get("role") is None and m.get("from") is not None
+        role, content = (m.get("from"), m.get("value")) if sharegpt else (m.get("role"), m.get("content"))
+        if role in CHAT_ROLES and not sharegpt:
+            pass
+        elif isinstance(role, str) and role.lower() in ROLES:
+            role = ROLES[role.lower()]
         else:
-            out.append({"role": m.get("role"), "content": m.get("content") or ""})
+            accepted = ", ".join(dict.fromkeys((*CHAT_ROLES, *ROLES))) if not sharegpt else ", ".join(ROLES)
+            raise _Bad("unknown_role", f"message {k}: unknown role {role!r}; accepted: {accepted}")
+        if content is not None and not isinstance(content, str):
+            raise _Bad("wrong_type", f"message {k}: content holds {_jtype(content)}, expected text")
+        out.append({"role": role, "content": content or ""})
     return out
+
+
+def _jtype(v) -> str:
+    """The JSON name of a Python value's type: 3 -> 'a number'."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return f"a number ({v!r})"
+    return {str: "text", list: "a list", dict: "an object", bytes: "bytes"}.get(type(v), type(v).__name__)
+
+
+def _raw(rec) -> str:
+    """The start of a record as JSON (for rejects.jsonl)."""
+    try:
+        return json.dumps(rec, ensure_ascii=False, default=str)[:RAW_PREFIX]
+    except (TypeError, ValueError):
+        return repr(rec)[:RAW_PREFIX]
 
 
 # ---------------------------------------------------------------------------------------------------- default corpus

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from packprep.sources import Docs, ReadTask, read_task
+from packprep.sources import Docs, ReadTask, Reject, read_task
 
 BUILTIN = Path(__file__).parent / "assets" / "tokenizer"
 GEN_OPEN, GEN_CLOSE = "\ue000", "\ue001"  # private-use code points bracketing {% generation %} output
@@ -263,6 +263,7 @@ class TokenizeContext:
 
     tokenizer: str  # local folder with tokenizer.json
     spool: str  # folder for the task outputs
+    on_error: str = "raise"  # a bad record: raise (RecordError) | skip (t<i>.rejects.jsonl, length -1)
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,8 @@ class TaskResult:
     tokens: int
     loss_tokens: int
     empty: int
+    rejected: int = 0
+    rejected_reasons: dict = field(default_factory=dict)  # kind -> records
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}  # per process; forked workers inherit the driver's (loading Qwen's: ~1 s)
@@ -285,30 +288,50 @@ def preload(tok: Tokenizer) -> None:
 def spool_paths(spool: str | Path, index: int) -> dict[str, Path]:
     stem = Path(spool) / f"t{index:06d}"
     return {k: stem.with_name(f"{stem.name}.{k}.npy") for k in ("ids", "mask", "len")} | {
-        "done": stem.with_name(f"{stem.name}.done.json")}
+        "done": stem.with_name(f"{stem.name}.done.json"), "rejects": stem.with_name(f"{stem.name}.rejects.jsonl")}
 
 
 def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> TaskResult:
     """Read one task's records, tokenize them and spool ids/mask/lengths; the `.done.json` marker comes last.
 
-    Idempotent: a task whose marker exists is not redone (what a resumed build relies on).
+    Idempotent: a task whose marker exists is not redone (what a resumed build relies on). Under on_error=skip a
+    bad record keeps its place in the lengths as -1 (so document indices stay those of the input records) and goes
+    to `t<i>.rejects.jsonl` (one JSON object per record, in record order), written before the marker.
     """
     paths = spool_paths(ctx.spool, task.index)
     if paths["done"].exists():
         return TaskResult(**json.loads(paths["done"].read_text()))
     tok = _TOKENIZERS.get(ctx.tokenizer) or _TOKENIZERS.setdefault(ctx.tokenizer, Tokenizer(ctx.tokenizer))
-    parts = [tok.encode(docs) for docs in read_task(task)]
+    rejects: list[Reject] | None = [] if ctx.on_error == "skip" else None
+    parts = [tok.encode(docs) for docs in read_task(task, rejects=rejects) if len(docs)]
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     mask = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint8)
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
+    reasons: dict[str, int] = {}
+    if rejects:
+        at = np.array([r.index for r in rejects], np.int64)  # record positions, increasing
+        lengths = np.insert(lengths, at - np.arange(len(at)), np.int32(-1))
+        for r in rejects:
+            reasons[r.kind] = reasons.get(r.kind, 0) + 1
+        write_text_atomic(paths["rejects"], "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
+                                                    for r in rejects))
     for key, arr in (("ids", ids), ("mask", mask), ("len", lengths)):
         save_atomic(paths[key], arr)
     result = TaskResult(task.index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)),
-                        int((lengths == 0).sum()))
+                        int((lengths == 0).sum()), len(rejects or ()), dict(sorted(reasons.items())))
     from packprep.shards import write_json_atomic
 
     write_json_atomic(paths["done"], result.__dict__)
     return result
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save_atomic(path: Path, arr: np.ndarray) -> None:

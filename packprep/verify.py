@@ -3,8 +3,9 @@
 Checks: manifest present and readable; state.json lists exactly the manifest's shards; every shard's sha256, rows
 and tokens match the manifest; per row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run
 0 < ... = len(input_ids) strictly increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and
-0/1, one doc_id per piece within [0, input_docs); accounting: input docs = packed + truncated + split + dropped +
-rejected, and the distinct documents found in the shards = packed + truncated + split.
+0/1, one doc_id per piece within [0, input_docs); accounting: every input document is packed or counted,
+input docs = packed + truncated + split + dropped (empty, too long) + rejected, the rejected ones by reason add up
+and rejects.jsonl holds one line each; the distinct documents found in the shards = packed + truncated + split.
 Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns (~1 GB/s).
 """
 
@@ -87,12 +88,23 @@ def verify(out: str | Path) -> Report:
     report.add("doc accounting", accounted == counts["input_docs"],
                f"packed {counts['packed']} + truncated {counts['truncated']} + split {counts['split']} + dropped "
                f"{dropped} + rejected {counts['rejected']} = {accounted} != input docs {counts['input_docs']}")
+    rejected, reasons = counts["rejected"], counts.get("rejected_reasons", {})
+    report.add("rejects", sum(reasons.values()) == rejected and _lines(out / "rejects.jsonl") == rejected,
+               f"rejected {rejected}, by reason {reasons}, {_lines(out / 'rejects.jsonl')} lines in rejects.jsonl")
     in_shards = counts["packed"] + counts["truncated"] + counts["split"]
     report.add("docs in shards", int(seen.sum()) == in_shards,
                f"{int(seen.sum())} distinct documents in the shards, manifest says {in_shards} were packed")
     report.add("totals", all(totals[k] == counts[k] for k in totals),
                f"shards hold {totals}, manifest counts {({k: counts[k] for k in totals})}")
     return report
+
+
+def _lines(path: Path) -> int:
+    """Lines in a file (0 when it does not exist)."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray) -> list[str]:
