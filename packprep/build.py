@@ -81,8 +81,10 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
         out = Path(config.out)
         free = shutil.disk_usage(out if out.exists() else out.parent).free
         where = e.filename or out
-        raise DiskFullError(errno.ENOSPC, f"disk full writing {where}: {free:,} bytes free on {out}'s filesystem; "
-                            "free space and rerun the same command to resume (finished tasks are kept)") from None
+        full = DiskFullError(f"disk full writing {where}: {free:,} bytes free on {out}'s filesystem; free space "
+                             "and rerun the same command to resume (finished tasks are kept)")
+        full.errno = errno.ENOSPC
+        raise full from None
     finally:
         if own:
             getattr(executor, "shutdown", lambda: None)()  # a Ray runtime this build started stops with it
