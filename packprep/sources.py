@@ -192,7 +192,9 @@ def peek_schema(path: Path, kind: str) -> pa.Schema | None:
         if kind == "arrow":
             return _open_arrow(path).schema
         if kind == "csv":
-            return pcsv.open_csv(path, parse_options=_csv_parse(path)).schema
+            parse = _csv_parse(path)
+            parse.invalid_row_handler = lambda row: "skip"  # the read reports bad rows
+            return pcsv.open_csv(path, parse_options=parse).schema
     except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read as {kind}: {_first_line(e)}") from None
     raise AssertionError(kind)
