@@ -7,7 +7,13 @@
 A task is a deterministic slice of one file (JSONL: newline-aligned byte range of ~chunk_bytes; Parquet: row
 groups; Arrow: record batches; JSON arrays and CSV: the whole file), so the split of work depends only on the
 inputs and `chunk_bytes`, never on the number of workers. Planning costs one seek per chunk plus a peek at each
-file's first record (format detection); reading costs pyarrow's parse (~100-300 MB/s per core for JSONL).
+file's first records (format detection); reading costs pyarrow's parse (~100-300 MB/s per core for JSONL).
+
+Bad records (malformed JSON, invalid UTF-8, a wrong type, a missing or null field, an unknown chat role, a CSV row
+with the wrong number of columns) raise `RecordError` naming file, line (JSONL/CSV, 1-based), element (JSON array)
+or row (Parquet/Arrow, 0-based) and the reason, or, given a `rejects` list, become `Reject`s and are skipped. The
+good path stays vectorised: a chunk's columns are checked at once (type, nulls, UTF-8); only a chunk that fails is
+read again record by record in Python (JSONL: line by line, since pyarrow fails a whole block on one bad line).
 """
 
 from __future__ import annotations
