@@ -6,12 +6,21 @@ t<i>.{ids,mask,len}.npy; write task k -> data-<k>-of-<n>.arrow. Tasks run on an 
 the driver holds only the int32 length array (+ 8 bytes/document of spool offsets and ~40 bytes/piece of plan),
 packs once, and orders results by task index, so the bytes do not depend on --workers.
 
+Resume (datatrove's habit): the packing plan is saved the same way (layout/*.npy, then layout/done.json) and the
+manifest comes last, so a build killed anywhere is finished by rerunning the same command: finished tasks and the
+plan are reused (OUT/.packprep-work/build.json holds the settings, chunk size and input fingerprints they were made
+with), stale `*.tmp*` files of killed writers are deleted first, and the bytes equal an uninterrupted build's.
+Other settings on an unfinished folder with finished work are refused unless --overwrite; a full disk is one
+DiskFullError line; an exclusive flock on OUT keeps a second build out. Tests: tests/test_resume.py (kill -9 hooks:
+PACKPREP_TEST_KILL_AT, see `_test_kill`).
+
 Cost: tokenizer-bound. Reading is pyarrow's C++ parse; packing ~1 s per 10M documents; writing is one gather
 from the memory-mapped spool plus one sha256 pass per shard. The spool (~5 bytes/token) is deleted at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -65,6 +74,10 @@ class DiskFullError(OSError):
     """The output's filesystem ran out of space; the folder is left resumable."""
 
 
+class BuildLockedError(OSError):
+    """Another build is writing to the same output folder."""
+
+
 def build(config: BuildConfig, progress: Progress | None = None, executor: Executor | None = None) -> BuildResult:
     """Run a whole build; returns the manifest (also written to OUT/packprep.json, last).
 
@@ -74,7 +87,8 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
     own = executor is None
     executor = executor or make_executor(config.executor, config.workers, config.ray_address)
     try:
-        return _build(config, progress, executor)
+        with _locked(Path(config.out)):
+            return _build(config, progress, executor)
     except OSError as e:
         if e.errno != errno.ENOSPC and "No space left on device" not in str(e):
             raise
@@ -470,6 +484,35 @@ def _prepare_work(work: Path, identity: dict, overwrite: bool, progress: Progres
     if not keep:
         write_json_atomic(marker, identity)
     return keep
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One build at a time per output folder: an exclusive flock on the folder itself, released when the build
+    ends or dies (a requeued job that starts while the old one still runs must not delete its temp files)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildLockedError(f"another packprep build is writing to {out}; wait for it to end (or stop it), "
+                                   "then rerun") from None
+        except OSError:  # pragma: no cover - a filesystem without locks: go on unguarded
+            pass
+        yield
+    finally:
+        os.close(fd)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a build that failed before writing anything leaves no empty folder
 
 
 def _test_kill(point: str) -> None:

@@ -1,11 +1,12 @@
 """`verify(out)`: the one checker of a build folder, for `packprep verify` and the tests.
 
-Checks: manifest present and readable; state.json lists exactly the manifest's shards; every shard's sha256, rows
-and tokens match the manifest; per row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run
-0 < ... = len(input_ids) strictly increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and
-0/1, one doc_id per piece within [0, input_docs); accounting: every input document is packed or counted,
-input docs = packed + truncated + split + dropped (empty, too long) + rejected, the rejected ones by reason add up
-and rejects.jsonl holds one line each; the distinct documents found in the shards = packed + truncated + split.
+Checks: manifest present and readable; state.json lists exactly the manifest's shards, and no other data-* file (a
+temp file, another build's shard) lies beside them; every shard's sha256, rows and tokens match the manifest; per
+row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run 0 < ... = len(input_ids) strictly
+increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, one doc_id per piece within [0,
+input_docs); accounting: every input document is packed or counted, input docs = packed + truncated + split +
+dropped (empty, too long) + rejected, the rejected ones by reason add up and rejects.jsonl holds one line each; the
+distinct documents found in the shards = packed + truncated + split.
 Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns (~1 GB/s).
 """
 
@@ -57,6 +58,9 @@ def verify(out: str | Path) -> Report:
         listed = f"unreadable state.json ({e})"
     report.add("state.json", listed == [s["file"] for s in shards], f"lists {listed}, manifest has "
                f"{[s['file'] for s in shards]}")
+    stray = sorted(p.name for p in out.glob("data-*") if p.name not in {s["file"] for s in shards})
+    report.add("no stray shards", not stray, f"{stray[:3]} ({len(stray)}) are not part of the build (a half-written "
+               "temp file or a shard of another build)")
 
     seen = np.zeros(counts["input_docs"], dtype=bool)
     totals = {"rows": 0, "tokens": 0, "pieces": 0}

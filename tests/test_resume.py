@@ -20,7 +20,7 @@ from build_fixtures import texts
 from typer.testing import CliRunner
 
 import packprep.build as build_mod
-from packprep.build import WORK, DiskFullError, build
+from packprep.build import WORK, BuildLockedError, DiskFullError, build
 from packprep.cli import app
 from packprep.config import BuildConfig
 from packprep.verify import verify
@@ -200,3 +200,18 @@ def test_finished_folder_leftovers(corpus, reference, tmp_path):
     shutil.copy(out / "state.json", out / "state.json.tmp77")
     build(_config(corpus, out))
     assert _digests(out) == reference and verify(out).ok and not list(out.glob("*.tmp*"))
+
+
+def test_one_build_at_a_time_per_folder(corpus, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running build holds it
+    try:
+        with pytest.raises(BuildLockedError, match="another packprep build is writing to"):
+            build(_config(corpus, out))
+    finally:
+        os.close(fd)
+    assert build(_config(corpus, out)).manifest["counts"]["input_docs"] == 6000

@@ -77,3 +77,10 @@ def test_bad_offsets_fail(copy):
     s.update({k: info[k] for k in ("rows", "tokens", "bytes", "sha256")})
     (copy / "packprep.json").write_text(json.dumps(m))
     assert any("row lengths outside" in f for f in verify(copy).failures)
+
+
+def test_stray_shard_or_temp_file_fails(copy):
+    """A finished build holds only its own shards: a leftover half-written temp or a foreign shard is flagged."""
+    shard = sorted(copy.glob("data-*.arrow"))[0]
+    (copy / (shard.name + ".tmp123")).write_bytes(shard.read_bytes()[:50])
+    assert any(f.startswith("no stray shards") for f in verify(copy).failures)
