@@ -49,6 +49,18 @@ def run_build(corpus: Path, out: Path, workers: int, executor: str) -> dict:
     return res
 
 
+def _compare(runs: list[dict], what: str) -> None:
+    """Ray vs local over the given runs: summed walls, and summed in-process totals (no interpreter/runtime start)."""
+    by = {e: [r for r in runs if r["executor"] == e] for e in ("local", "ray")}
+    assert len({r["fingerprint"] for r in runs}) == 1, "local and Ray builds differ"
+    wall = {e: sum(r["wall"] for r in rs) for e, rs in by.items()}
+    inproc = {e: sum(r["timings"]["total"] for r in rs) for e, rs in by.items()}
+    print(f"Ray vs local, {what}: wall {wall['ray']:.1f}s vs {wall['local']:.1f}s = "
+          f"{wall['ray'] / wall['local'] - 1:+.1%}; in-process (excluding interpreter start and Ray runtime start/stop)"
+          f" {inproc['ray']:.1f}s vs {inproc['local']:.1f}s = {inproc['ray'] / inproc['local'] - 1:+.1%}; "
+          "same fingerprint", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=os.cpu_count())
@@ -67,24 +79,22 @@ def main() -> None:
     for _ in range(a.pairs):
         for executor in ("local", "ray"):
             runs.append(run_build(small, out, a.workers, executor))
-    by = {e: [r for r in runs if r["executor"] == e] for e in ("local", "ray")}
-    assert len({r["fingerprint"] for r in runs}) == 1, "local and Ray builds differ"
-    wall = {e: sum(r["wall"] for r in rs) for e, rs in by.items()}
-    inproc = {e: sum(r["timings"]["total"] for r in rs) for e, rs in by.items()}
-    print(f"Ray vs local, 1x, {a.pairs} pairs: wall {wall['ray']:.1f}s vs {wall['local']:.1f}s = "
-          f"{wall['ray'] / wall['local'] - 1:+.1%}; in-process (excluding interpreter start and Ray runtime start/stop)"
-          f" {inproc['ray']:.1f}s vs {inproc['local']:.1f}s = {inproc['ray'] / inproc['local'] - 1:+.1%}; "
-          "same fingerprint", flush=True)
+    if a.pairs:
+        _compare([r for r in runs if r["corpus"] == small.name], f"1x, {a.pairs} pairs")
 
     if big is not None:
         runs.append(run_build(big, out, a.workers, "local"))
         if a.ray_big:
             runs.append(run_build(big, out, a.workers, "ray"))
-        b, s = runs[-1 - a.ray_big], by["local"]
-        print(f"local {a.big_scale}x vs 1x: {b['tok_per_s']:,} vs {round(sum(r['tok_per_s'] for r in s) / len(s)):,}"
-              f" tok/s, peak RSS {b['rss_mb']} vs {max(r['rss_mb'] for r in s)} MB", flush=True)
+        b, s = runs[-1 - a.ray_big], [r for r in runs if r["corpus"] == small.name and r["executor"] == "local"]
+        if s:
+            mean = round(sum(r["tok_per_s"] for r in s) / len(s))
+            print(f"local {a.big_scale}x vs 1x: {b['tok_per_s']:,} vs {mean:,} tok/s, peak RSS {b['rss_mb']} vs "
+                  f"{max(r['rss_mb'] for r in s)} MB", flush=True)
+        if a.ray_big:
+            _compare(runs[-2:], f"{a.big_scale}x")
     print(f"uptime: {uptime()}")
-    (CACHE / "scale_results.json").write_text(json.dumps(runs, indent=1))
+    (CACHE / f"scale_results_{time.strftime('%H%M%S')}.json").write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":
