@@ -27,7 +27,8 @@ class Executor(Protocol):
         ...
 
 
-def _init_worker() -> None:
+def _init_worker(driver_pid: int | None = None) -> None:
+    _die_with(driver_pid)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
     try:
         import pyarrow as pa
@@ -36,6 +37,19 @@ def _init_worker() -> None:
         pa.set_io_thread_count(1)
     except Exception:  # pragma: no cover - pyarrow always present
         pass
+
+
+def _die_with(driver_pid: int | None) -> None:
+    """Linux: SIGKILL this worker when its driver dies. A driver killed alone (OOM killer, kill -9) otherwise leaves
+    its pool workers blocked on the task queue forever, holding memory and the output folder's lock."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if driver_pid is not None and os.getppid() != driver_pid:  # the driver died before prctl took effect
+        os._exit(1)
 
 
 class LocalExecutor:
@@ -60,7 +74,8 @@ class LocalExecutor:
             return
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         workers = min(self.workers, len(tasks))
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
             # At most 2 tasks in flight per worker: results stream back while the rest wait their turn.
             pending, queue = set(), iter(tasks)
             try:

@@ -55,9 +55,10 @@ def _digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("data-*.arrow"))}
 
 
-def _cli(corpus: Path, out: Path, kill_at: str | None = None, workers: int = 2) -> None:
+def _cli(corpus: Path, out: Path, kill_at: str | None = None, workers: int = 2, kill_group: bool = True) -> None:
     """`python -m packprep.cli build` in its own session; with kill_at the build SIGKILLs itself there, and the rest
-    of its process group (forked workers) is killed too, as a preempted job would be."""
+    of its process group (forked workers) is killed too, as a preempted job would be. kill_group=False: only the
+    driver dies (the OOM killer's way), and its workers must go by themselves."""
     env = {**os.environ, "PACKPREP_TEST_KILL_AT": kill_at or ""}
     cmd = [sys.executable, "-m", "packprep.cli", "build", str(corpus), "--out", str(out), "--workers", str(workers),
            "--config", str(corpus.parent / "build.toml"), "-q"]
@@ -66,6 +67,8 @@ def _cli(corpus: Path, out: Path, kill_at: str | None = None, workers: int = 2) 
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = p.wait(timeout=120)
+            if not kill_group:
+                _wait_group_gone(p.pid)
         finally:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -76,6 +79,19 @@ def _cli(corpus: Path, out: Path, kill_at: str | None = None, workers: int = 2) 
         assert not (out / "packprep.json").exists() and not verify(out).ok
     else:
         assert rc == 0, log.read_text()[-2000:]
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the build's workers outlived their driver")
 
 
 def _files(folder: Path, pattern: str) -> dict[str, tuple[int, int]]:
@@ -95,7 +111,7 @@ def _finish_and_check(corpus: Path, out: Path, reference: dict[str, str], **kw) 
 def test_kill_at_each_stage_then_resume(corpus, reference, tmp_path):
     """Killed in tokenize, after pack and between shards, resumed each time: finished work is never redone."""
     out, spool, layout = tmp_path / "out", tmp_path / "out" / WORK / "spool", tmp_path / "out" / WORK / "layout"
-    _cli(corpus, out, kill_at="tokenize:3")
+    _cli(corpus, out, kill_at="tokenize:3", kill_group=False)  # the workers die with the driver
     done = _files(spool, "*.npy")  # the tasks finished before the kill (at least 3 of ~18, with 2 workers)
     assert len(_files(spool, "*.done.json")) >= 3 and not layout.exists()
 
