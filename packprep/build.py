@@ -420,7 +420,15 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diff
 
 
-_OURS = ("data-", "state.json", "dataset_info.json", MANIFEST, "rejects.jsonl", WORK)
+def _is_ours(out: Path) -> bool:
+    """An unfinished packprep build: its work folder, or (a build whose removal by --overwrite was cut short) the
+    dataset_info.json packprep writes. A plain `datasets.save_to_disk` folder is not ours: its shards stay."""
+    if (out / WORK).exists():
+        return True
+    try:
+        return json.loads((out / "dataset_info.json").read_text()).get("description") == "packprep build"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_out(out: Path, config: BuildConfig, identity: dict) -> dict | None:
@@ -441,7 +449,7 @@ def _check_out(out: Path, config: BuildConfig, identity: dict) -> dict | None:
             raise FileExistsError(f"{out} holds a finished build with different settings ({'; '.join(diff)}); "
                                   "pass --overwrite or choose another --out")
         _remove_build(out, old)
-    elif any(not p.name.startswith(_OURS) for p in out.iterdir()):
+    elif any(out.iterdir()) and not _is_ours(out):
         raise FileExistsError(f"--out {out} exists, is not empty and is not a packprep output folder; "
                               "choose another --out")
     return None

@@ -218,6 +218,12 @@ def test_finished_folder_leftovers(corpus, reference, tmp_path):
     shutil.copy(out / "state.json", out / "state.json.tmp77")
     build(_config(corpus, out))
     assert _digests(out) == reference and verify(out).ok and not list(out.glob("*.tmp*"))
+    (out / "packprep.json").unlink()
+    info = json.loads((out / "dataset_info.json").read_text())
+    (out / "dataset_info.json").write_text(json.dumps({**info, "description": ""}))  # a datasets folder, not ours
+    with pytest.raises(FileExistsError, match="is not a packprep output folder"):
+        build(_config(corpus, out))
+    assert _digests(out) == reference  # nothing of it was touched
 
 
 def test_one_build_at_a_time_per_folder(corpus, tmp_path):
