@@ -123,6 +123,8 @@ def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
         tmp.unlink(missing_ok=True)  # an error (disk full, ...) leaves no partial file behind; a kill -9 may
         raise  # leave one, which the next build removes before it resumes
     os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
     return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size, "sha256": digest}
 
 
@@ -179,3 +181,19 @@ def write_json_atomic(path: str | Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make the renames into `folder` durable (a completion marker written after its data survives a power loss
+    only with them). Filesystems that cannot fsync a folder (some network ones) are skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
