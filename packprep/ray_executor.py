@@ -51,9 +51,8 @@ class RayExecutor:
     def _init(self):
         ray = _import_ray()
         if not ray.is_initialized():
+            # Workers import the stage functions by name: packprep must be installed on every node (pipelines/).
             kwargs = dict(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-            # The driver's packprep must be importable on the workers: ship this checkout's modules with the job
-            # unless the cluster installed packprep itself.
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:
