@@ -30,13 +30,10 @@ class Executor(Protocol):
 def _init_worker(driver_pid: int | None = None) -> None:
     _die_with(driver_pid)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
-    try:
-        import pyarrow as pa
+    import pyarrow as pa
 
-        pa.set_cpu_count(1)
-        pa.set_io_thread_count(1)
-    except Exception:  # pragma: no cover - pyarrow always present
-        pass
+    pa.set_cpu_count(1)  # likewise for pyarrow's JSON/CSV readers
+    pa.set_io_thread_count(1)
 
 
 def _die_with(driver_pid: int | None) -> None:
