@@ -87,12 +87,15 @@ def summary_table(manifest: dict, title: str = "packprep build") -> Table:
     """docs, tokens, rows, efficiency, rows/LB, padding saved, time per stage, throughput."""
     c, p, t = manifest["counts"], manifest["packing"], manifest.get("timings", {})
     dropped = c["dropped"]
+    why = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in dropped.items() if v)
+    rejected = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in c.get("rejected_reasons", {}).items())
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_column(style="dim")
     table.add_row("input docs", f"{c['input_docs']:,}", f"packed {c['packed']:,}, truncated {c['truncated']:,}, "
-                  f"split {c['split']:,}, dropped {sum(dropped.values()):,} {dropped}, rejected {c['rejected']:,}")
+                  f"split {c['split']:,}, dropped {sum(dropped.values()):,}{f' ({why})' if why else ''}, "
+                  f"rejected {c['rejected']:,}{f' ({rejected})' if rejected else ''}")
     table.add_row("tokens", f"{c['tokens']:,}", f"loss tokens {c['loss_tokens']:,}")
     table.add_row("rows", f"{c['rows']:,}", f"seq_len {manifest['seq_len']}, strategy {manifest['strategy']}, "
                   f"{len(manifest['shards'])} shard(s)")
