@@ -68,12 +68,11 @@ def make_batch(
     rows = len(row_offsets) - 1
     base = row_offsets[0]
     tok_off = (row_offsets - base).astype(np.int32)
-    tokens = tokens[base : row_offsets[-1]] if base or len(tokens) != row_offsets[-1] else tokens
+    tokens = tokens[base : row_offsets[-1]]  # a view; tokens and mask are sliced alike
     if loss_mask is None:
         loss_mask = np.ones(len(tokens), dtype=np.uint8)
     else:
-        loss_mask = np.ascontiguousarray(loss_mask[: len(tokens)] if len(loss_mask) != len(tokens) else loss_mask,
-                                         dtype=np.uint8)
+        loss_mask = np.ascontiguousarray(loss_mask[base : row_offsets[-1]], dtype=np.uint8)
     # doc_offsets: per row, the running sum of its piece lengths with a leading 0 -> one extra entry per row.
     p0 = row_piece_offsets[0]
     piece_off = (row_piece_offsets - p0).astype(np.int32)

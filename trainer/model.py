@@ -1,12 +1,14 @@
 """Hugging Face causal LMs that run packed batches through `varlen_attention`.
 
 packprep registers attention functions `packprep_<backend>` (auto, flash_attn, torch, sdpa) with transformers'
-`AttentionInterface`, so any model whose attention layers dispatch through it (Llama, Qwen2/3, Mistral, Gemma, ...)
-trains on flat packed batches: `model(**model_inputs(batch))` passes the document boundaries as the
-`cu_seq_lens_q/k` and `max_length_q/k` keyword arguments that transformers forwards to every attention call. A forward
-without them is ordinary causal attention (SDPA). No mask function is registered for these names, so transformers
-builds no mask tensor (and makes no host sync) for packed batches; a 2-D padding mask is therefore not applied:
-right-padded rows are still exact for training (causal attention never looks right, and padded labels are -100).
+`AttentionInterface`, so any model whose attention layers dispatch through it (Llama, Qwen2/3, Mistral, ...)
+trains on flat packed batches (a sliding window longer than every document is exact; a shorter one, or logit
+softcapping as in Gemma 2, is refused with a clear error rather than silently ignored).
+`model(**model_inputs(batch))` passes the document boundaries as the `cu_seq_lens_q/k` and `max_length_q/k`
+keyword arguments that transformers forwards to every attention call. A forward without them is ordinary causal
+attention (SDPA). No mask function is registered for these names, so transformers builds no mask tensor (and makes no
+host sync) for packed batches; a 2-D padding mask is therefore not applied: right-padded rows are still exact for
+training (causal attention never looks right, and padded labels are -100).
 
 Costs: building `tiny` takes milliseconds; `small` (~300M parameters) allocates ~1.3 GB of fp32 weights.
 """
@@ -40,6 +42,14 @@ def _attention_forward(backend: str):
             raise ValueError(f"packed batches are flat: input_ids must be [1, T], got batch size {query.shape[0]}")
         if dropout and module.training:
             raise ValueError("attention dropout is not supported with packed batches; set attention_dropout=0")
+        window, max_len = kwargs.get("sliding_window"), int(kwargs["max_length_q"])
+        if window is not None and max_len > window:  # a window shorter than every document changes nothing
+            raise ValueError(f"this model uses sliding-window attention (window {window}) and a document of "
+                             f"{max_len} tokens exceeds it; packprep's varlen attention has no window: build the "
+                             f"shards with --seq-len <= {window} or disable the window in the model config")
+        if kwargs.get("softcap"):
+            raise ValueError(f"this model caps attention logits (softcap {kwargs['softcap']}), which packprep's "
+                             "varlen attention does not implement")
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
         device_type = q.device.type
         if q.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
@@ -47,7 +57,7 @@ def _attention_forward(backend: str):
             # to fp32; run the attention in the autocast dtype, as autocast would run a matmul
             dtype = torch.get_autocast_dtype(device_type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], causal=getattr(module, "is_causal", True),
+        out = varlen_attention(q, k, v, cu_seqlens, max_len, causal=getattr(module, "is_causal", True),
                                backend=backend, scale=scaling)
         return out.unsqueeze(0), None
 
