@@ -56,6 +56,7 @@ from packprep.tokenize import (
     save_atomic,
     spool_paths,
     tokenize_task,
+    tokenizer_fingerprint,
     tokenizer_sha256,
 )
 
@@ -161,6 +162,9 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         _save_layout(work / "layout", layout, np.concatenate([[0], np.cumsum(task_tokens)]))
         write_json_atomic(layout_done, {"counts": counts, "stats": stats})
         del lengths, layout
+    if counts["rows"] == 0:
+        raise ValueError(f"nothing left to pack: all {counts['input_docs']} documents were dropped or rejected "
+                         f"(dropped {counts['dropped']}, rejected {counts['rejected']}); see --long-docs / --on-error")
     _test_kill("pack")
     timings["pack"] = time.perf_counter() - t
 
@@ -405,9 +409,10 @@ def _fingerprint(spec: str) -> dict:
 
 
 def _identity(config: BuildConfig, fingerprints: list[dict]) -> dict:
-    """What a build's output depends on, as JSON: settings that change bytes, the task split, input fingerprints."""
+    """What a build's output depends on, as JSON: settings that change bytes, the task split, input fingerprints and
+    the tokenizer's content (a tokenizer retrained in place at the same path is a different build)."""
     return json.loads(json.dumps({"config": config.output_keys(), "chunk_bytes": config.chunk_bytes,
-                                  "inputs": fingerprints}))
+                                  "inputs": fingerprints, "tokenizer": tokenizer_fingerprint(config.tokenizer)}))
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -417,6 +422,8 @@ def _differences(old: dict, new: dict) -> list[str]:
             if old["config"].get(k) != new["config"].get(k)]
     if old.get("inputs") != new["inputs"] and old["config"].get("inputs") == new["config"].get("inputs"):
         diff.append("the input files changed (sizes or mtimes)")
+    if None not in (old.get("tokenizer"), new.get("tokenizer")) and old["tokenizer"] != new["tokenizer"]:
+        diff.append(f"the tokenizer's files changed (sha256 {old['tokenizer'][:12]}... -> {new['tokenizer'][:12]}...)")
     return diff
 
 
@@ -441,8 +448,15 @@ def _check_out(out: Path, config: BuildConfig, identity: dict) -> dict | None:
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        old_id = {"config": BuildConfig(**old["config"]).output_keys(), "inputs": old.get("inputs", {}).get("specs")}
-        diff = _differences(old_id, identity)
+        try:
+            old_id = {"config": BuildConfig(**old["config"]).output_keys(), "inputs": old["inputs"]["specs"],
+                      "tokenizer": old["tokenizer"]["sha256"]}
+        except (KeyError, TypeError, ValueError) as e:  # another packprep version's manifest, or edited by hand
+            old_id = None
+            if not config.overwrite:
+                raise ValueError(f"{manifest_path} is not a manifest this packprep version reads ({e!r}); pass "
+                                 "--overwrite to replace that build or choose another --out") from None
+        diff = _differences(old_id, identity) if old_id else ["an unreadable manifest"]
         if not diff:
             return old
         if not config.overwrite:

@@ -61,11 +61,24 @@ def resolve_tokenizer(name: str, work: Path | None = None) -> Path:
     return dest
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def tokenizer_sha256(folder: Path) -> str:
+    """sha256 over the files that decide the tokens: vocabulary and merges, special tokens, chat template."""
     h = hashlib.sha256()
-    with open(Path(folder) / "tokenizer.json", "rb") as f:
-        h.update(f.read())
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def tokenizer_fingerprint(name: str) -> str | None:
+    """tokenizer_sha256 of a local tokenizer named by --tokenizer (None for a hub name: it is hashed once fetched)."""
+    p = BUILTIN if name == "builtin" else Path(name).expanduser()
+    folder = p.parent if p.is_file() else p
+    return tokenizer_sha256(folder) if (folder / "tokenizer.json").is_file() else None
 
 
 class Tokenizer:

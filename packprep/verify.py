@@ -43,6 +43,14 @@ class Report:
 
 def verify(out: str | Path) -> Report:
     out, report = Path(out), Report()
+    try:
+        return _verify(out, report)
+    except (KeyError, TypeError) as e:  # a manifest from another version, or edited by hand
+        report.add("manifest", False, f"malformed: missing or wrong-typed entry {e}")
+        return report
+
+
+def _verify(out: Path, report: Report) -> Report:
     manifest_path = out / MANIFEST
     if not report.add("manifest", manifest_path.is_file(), f"no {MANIFEST}: the build did not finish"):
         return report

@@ -239,3 +239,45 @@ def test_one_build_at_a_time_per_folder(corpus, tmp_path):
     finally:
         os.close(fd)
     assert build(_config(corpus, out)).manifest["counts"]["input_docs"] == 6000
+
+
+def test_a_tokenizer_retrained_in_place_is_a_different_build(tmp_path):
+    from packprep.tokenize import BUILTIN
+
+    tok = tmp_path / "tok"
+    shutil.copytree(BUILTIN, tok)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(30)))
+    cfg = dict(inputs=(str(data),), out=str(tmp_path / "out"), tokenizer=str(tok), seq_len=256, workers=1)
+    build(BuildConfig(**cfg))
+    assert build(BuildConfig(**cfg)).already_built
+    conf = json.loads((tok / "tokenizer_config.json").read_text())
+    conf["chat_template"] = "{{ messages }}"  # a changed chat template changes a chat build's tokens
+    (tok / "tokenizer_config.json").write_text(json.dumps(conf))
+    with pytest.raises(FileExistsError, match="tokenizer's files changed"):
+        build(BuildConfig(**cfg))
+    assert not build(BuildConfig(**cfg, overwrite=True)).already_built
+
+
+def test_a_build_where_every_document_is_dropped_fails_clearly(tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * 400}) + "\n" for _ in range(3)))
+    with pytest.raises(ValueError, match="nothing left to pack: all 3 documents"):
+        build(BuildConfig(inputs=(str(data),), out=str(tmp_path / "out"), seq_len=64, long_docs="drop", workers=1))
+
+
+def test_an_unreadable_manifest_is_one_clear_error(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    cfg = dict(inputs=(str(data),), out=str(tmp_path / "out"), seq_len=64, workers=1)
+    build(BuildConfig(**cfg))
+    manifest = tmp_path / "out" / "packprep.json"
+    m = json.loads(manifest.read_text())
+    m["config"]["from_a_future_version"] = 1
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="not a manifest this packprep version reads"):
+        build(BuildConfig(**cfg))
+    assert not build(BuildConfig(**cfg, overwrite=True)).already_built
+    del m["counts"]
+    manifest.write_text(json.dumps(m))
+    assert not verify(tmp_path / "out").ok
