@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packprep import _kernels
-from packprep.pack import B2F_REPAIR_TRIES, STRATEGIES, Plan, _sort_descending, pack
+from packprep.pack import STRATEGIES, Plan, _sort_descending, pack
 from packprep.stats import lower_bound_rows, plan_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -121,14 +121,18 @@ def test_many_rows_grow_the_trees(strategy):
 def test_real_sft_mix_near_lower_bound(strategy):
     lengths = np.load(REAL_LENGTHS)
     for seq_len in (1024, 4096):
-        stats = plan_stats(pack(lengths, seq_len, strategy), seq_len)
+        plan = pack(lengths, seq_len, strategy)
+        check_invariants(plan, lengths, seq_len)  # thousands of rows: the kernels' growth paths, not toy sizes
+        stats = plan_stats(plan, seq_len)
         assert stats["lower_bound"] > 100  # guards against passing vacuously
         assert stats["rows"] <= stats["lower_bound"] * 1.0002 + 1
 
 
 def test_b2f_reaches_lower_bound_where_ffd_does_not():
     lengths = np.random.default_rng(0).choice(np.load(REAL_LENGTHS), 50_000)  # a larger real mix
-    ffd, b2f = (plan_stats(pack(lengths, 1024, s), 1024) for s in ("ffd", "b2f"))
+    plans = {s: pack(lengths, 1024, s) for s in ("ffd", "b2f")}
+    check_invariants(plans["b2f"], lengths, 1024)
+    ffd, b2f = (plan_stats(plans[s], 1024) for s in ("ffd", "b2f"))
     assert b2f["rows"] <= b2f["lower_bound"] * 1.0002 + 1 < ffd["rows"]
 
 
@@ -149,7 +153,12 @@ def test_b2f_without_repair_is_ffd(inputs):
     row_offsets, doc, length = _kernels.b2f_pack(order, run_need, run_size, np.int64(seq_len), np.int64(0))
     ffd = pack(lengths32, seq_len, "ffd")
     assert np.array_equal(row_offsets, ffd.row_offsets) and np.array_equal(doc, ffd.doc)
-    assert B2F_REPAIR_TRIES == 3  # the reference's default
+
+
+def test_build_config_accepts_exactly_the_engines_strategies():
+    from packprep import config
+
+    assert config.STRATEGIES == STRATEGIES
 
 
 def test_huge_seq_len_uses_argsort_same_plan():

@@ -183,3 +183,27 @@ def test_torch_backend_adapts_to_varlen_attn_versions(monkeypatch, style):
         assert rel(a, b) < 1e-5
     # repeat + recompute in backward where the kernel has no enable_gqa; native GQA otherwise
     assert calls == ([2] if style == "enable_gqa" else [4, 4])
+
+
+@pytest.mark.parametrize("window", [8, 64])
+def test_sliding_window_models_are_exact_or_refused(tmp_path, window):
+    """Mistral-style sliding windows: exact when no document exceeds the window, a clear error otherwise (never a
+    silently ignored window)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window, use_cache=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mistral")
+    model = build_model(str(tmp_path / "mistral"), "sdpa").eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "mistral", attn_implementation="eager").eval()
+    batch, tokens, cu = packed_example(np.random.default_rng(1), docs=4, max_len=40)
+    assert batch.max_seqlen > 8
+    if window < batch.max_seqlen:
+        with pytest.raises(ValueError, match="sliding-window"):
+            model(**model_inputs(batch))
+        return
+    with torch.no_grad():
+        packed = model(**model_inputs(batch)).logits[0]
+        per_doc = torch.cat([ref(input_ids=torch.tensor(tokens[a:b])[None]).logits[0] for a, b in zip(cu[:-1], cu[1:])])
+    assert rel(packed, per_doc) < 1e-4
