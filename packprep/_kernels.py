@@ -1,6 +1,7 @@
 """Numba kernels of the packing engine: arrays in, arrays out, no validation (that is `packprep.pack`'s job).
 
-Every strategy is split the same way, so the peak memory stays small and each step is easy to check:
+ffd, bfd and greedy are split the same way, so the peak memory stays small and each step is easy to check
+(b2f fills rows one by one in `b2f_pack`; random cuts a shuffled stream in `cut_stream`):
     order, run_need, run_size = counting_sort_descending(lengths, seq_len)   int32[N], O(N + seq_len)
     row_of_sorted, rows = <strategy>_assign_rows(run_need, run_size, seq_len) int32[N], the row of order[k]
     row_offsets, doc, length = gather_rows(order, row_of_sorted, ...)         int64[rows + 1], int64[N] x2

@@ -1,7 +1,7 @@
 """Sources: input paths -> files -> read tasks -> record batches -> documents, with pyarrow's C++ readers.
 
     files = resolve_inputs(["data/*.jsonl", "hf_folder/"])          # globs, folders, HF save_to_disk folders
-    tasks = plan_tasks(files, config)                               # fixed byte/row-group chunks, format per file
+    tasks = plan_tasks(files, chunk_bytes=2 << 20)                  # fixed byte/row-group chunks, format per file
     for docs in read_task(tasks[0]): ...                            # Docs: texts | prompts+completions | chats
 
 A task is a deterministic slice of one file (JSONL: newline-aligned byte range of ~chunk_bytes; Parquet: row

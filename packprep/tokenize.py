@@ -2,7 +2,7 @@
 
     tok = Tokenizer(resolve_tokenizer("builtin", work))     # a Hugging Face fast tokenizer folder, no transformers
     ids, mask, lengths = tok.encode(docs)                    # flat int32 ids, flat uint8 mask, int32 per document
-    result = tokenize_task(task, ctx)                        # one ReadTask -> spool/t00012.{ids,mask,len}.npy
+    result = tokenize_task(task, ctx)                        # one ReadTask -> spool/t000012.{ids,mask,len}.npy
 
 Cost: the tokenizer's own batch encode (Rust, one core per worker process) plus ~30 ns per token to flatten the
 ids into numpy; chat adds one Jinja render per conversation. Memory per worker: one task's text and tokens (a few

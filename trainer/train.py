@@ -231,7 +231,8 @@ def train(cfg: TrainConfig, echo=print) -> list[dict]:
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
     cfgm = model.config
-    attn_flops = 6 * cfgm.num_hidden_layers * cfgm.num_attention_heads * getattr(
+    # attention matmuls, fwd + bwd: 12 * L * H * d flops per (query, key) pair; causal: s^2 / 2 pairs per document
+    attn_flops = 12 * cfgm.num_hidden_layers * cfgm.num_attention_heads * getattr(
         cfgm, "head_dim", cfgm.hidden_size // cfgm.num_attention_heads)
     say(f"model {cfg.model}: {n_params / 1e6:.1f}M params (non-embedding), attention {backend}, "
         f"{'bf16' if bf16 else 'fp32'}, {device}, {world} rank(s); data {ds.num_rows} rows, {ds.num_tokens} tokens, "
