@@ -41,6 +41,7 @@ from packprep.report import Progress
 from packprep.shards import (
     FORMAT_VERSION,
     MANIFEST,
+    atomic_file,
     make_batch,
     shard_name,
     write_hf_metadata,
@@ -548,20 +549,17 @@ def _write_rejects(out: Path, spool: Path, results) -> dict[str, int]:
     """OUT/rejects.jsonl: the tasks' rejects concatenated in task order (the same bytes for any --workers), written
     to a temporary name and renamed; no rejects: no file. Returns the count of rejected records by kind."""
     reasons: dict[str, int] = {}
-    path, tmp = out / "rejects.jsonl", out / WORK / "rejects.jsonl.tmp"
+    path = out / "rejects.jsonl"
     if not any(r.rejected for r in results):
         path.unlink(missing_ok=True)
         return reasons
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         for r in results:
             for kind, n in r.rejected_reasons.items():
                 reasons[kind] = reasons.get(kind, 0) + n
             if r.rejected:
                 with open(spool_paths(spool, r.index)["rejects"], "rb") as src:
                     shutil.copyfileobj(src, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return dict(sorted(reasons.items()))
 
 

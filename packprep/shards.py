@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -171,16 +172,28 @@ def write_hf_metadata(out: str | Path, files: list[str], fingerprint: str, descr
     write_json_atomic(out / "state.json", state)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb"):
+    """Write `path` all or nothing: a temporary file beside it that is fsynced, renamed into place and its folder
+    fsynced on success, and removed on error (a kill -9 may leave one `.tmp*`, which a resumed build deletes)."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
 
 
 def fsync_dir(folder: str | Path) -> None:

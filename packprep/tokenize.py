@@ -9,21 +9,21 @@ ids into numpy; chat adds one Jinja render per conversation. Memory per worker: 
 times `chunk_bytes`). Loss mask: plain text all 1; prompt/completion 1 on completion + EOS; chat 1 on the tokens
 the template's `{% generation %}` blocks mark (assistant turns), or, for templates without those markers, on each
 assistant message's content found by rendering the conversation turn by turn. Documents with no tokens are kept
-as length 0 (dropped and counted later as "empty"). Only `tokenizers`, `jinja2` and numpy are imported here, so a
-worker starts in a fraction of a second.
+as length 0 (dropped and counted later as "empty"). Only `tokenizers`, `jinja2`, numpy and pyarrow are imported
+here (not transformers), so a worker starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
+from packprep.shards import atomic_file, write_json_atomic
 from packprep.sources import Docs, ReadTask, Reject, read_task
 
 BUILTIN = Path(__file__).parent / "assets" / "tokenizer"
@@ -332,25 +332,15 @@ def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> TaskResult:
         save_atomic(paths[key], arr)
     result = TaskResult(task.index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)),
                         int((lengths == 0).sum()), len(rejects or ()), dict(sorted(reasons.items())))
-    from packprep.shards import write_json_atomic
-
     write_json_atomic(paths["done"], result.__dict__)
     return result
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        f.write(text.encode("utf-8"))
 
 
 def save_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

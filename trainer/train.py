@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from packprep.shards import atomic_file
 from trainer.data import IGNORE_INDEX, PackedShards
 from trainer.model import PRESETS, build_model, model_inputs, num_params
 from trainer.varlen import BACKENDS, resolve_backend
@@ -180,13 +181,12 @@ def _stream(ds: PackedShards):
 
 
 def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:  # a checkpoint is never half-written, even if the job is killed while saving
+        torch.save(obj, f)
 
 
-def _vocab_for(ds: PackedShards) -> int:
-    return -(-(ds.max_token_id() + 1) // 64) * 64  # round up to a multiple of 64
+def _vocab_for(max_token_id: int) -> int:
+    return -(-(max_token_id + 1) // 64) * 64  # round up to a multiple of 64
 
 
 def train(cfg: TrainConfig, echo=print) -> list[dict]:
@@ -198,10 +198,11 @@ def train(cfg: TrainConfig, echo=print) -> list[dict]:
     if ds.num_batches() == 0:
         raise ValueError(f"{cfg.shards} yields no batch per rank ({ds.num_rows} rows, {world} ranks)")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.attn, vocab_size=_vocab_for(ds) if cfg.model in PRESETS else None)
+    max_id = ds.max_token_id()  # one pass over the corpus' tokens
+    model = build_model(cfg.model, cfg.attn, vocab_size=_vocab_for(max_id) if cfg.model in PRESETS else None)
     vocab = model.get_input_embeddings().weight.shape[0]
-    if ds.max_token_id() >= vocab:
-        raise ValueError(f"the shards hold token id {ds.max_token_id()} but {cfg.model} has {vocab} embeddings; "
+    if max_id >= vocab:
+        raise ValueError(f"the shards hold token id {max_id} but {cfg.model} has {vocab} embeddings; "
                          "train with the model whose tokenizer built the shards")
     model.to(device).train()
     backend = resolve_backend(cfg.attn, device, torch.bfloat16 if bf16 else torch.float32)
