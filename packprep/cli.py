@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="packprep",
@@ -30,7 +31,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, ImportError, FileExistsError, OSError) as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -145,8 +146,8 @@ def verify(out: str = typer.Argument("packprep_out", help="A packprep output fol
 
     report = run_verify(out)
     for name, passed, detail in report.checks:
-        console.print(f"{'[green]ok[/green]  ' if passed else '[red]FAIL[/red]'} {name}" + ("" if passed else
-                      f": {detail}"), highlight=False, soft_wrap=True)
+        console.print(f"{'[green]ok[/green]  ' if passed else '[red]FAIL[/red]'} {escape(name)}" + ("" if passed else
+                      f": {escape(detail)}"), highlight=False, soft_wrap=True)
     if not report.ok:
         err_console.print(f"[red]error:[/red] {out}: {len(report.failures)} check(s) failed", highlight=False)
         raise typer.Exit(1)

@@ -39,7 +39,7 @@ class Progress:
 
     def log(self, msg: str) -> None:
         if self.enabled:
-            self.console.print(msg, highlight=False, soft_wrap=True)
+            self.console.print(msg, highlight=False, soft_wrap=True, markup=False)  # paths may hold [brackets]
 
 
 class _Stage:

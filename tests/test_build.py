@@ -247,3 +247,23 @@ def test_cli_errors_are_one_line(corpora, tmp_path):
     assert "empty corpus" in _error([str(tmp_path / "empty.jsonl")], tmp_path)
     (tmp_path / "nothing").mkdir()
     assert "no input files" in _error([str(tmp_path / "nothing")], tmp_path)
+
+
+def test_error_lines_keep_square_brackets(tmp_path, monkeypatch):
+    """Messages such as 'pip install "packprep[plot]"' must reach the user whole (rich would eat '[plot]' as markup)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a b c"}\n')
+    build(BuildConfig(inputs=(str(data),), out=str(tmp_path / "out"), seq_len=64, workers=1))
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert 'packprep[plot]' in r.output, r.output
