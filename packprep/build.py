@@ -173,7 +173,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     t = time.perf_counter()
     rows, per = counts["rows"], config.rows_per_shard
     num_shards = -(-rows // per)
-    ctx = WriteContext(str(out), str(work), len(tasks), rows, per, num_shards, max(1, (1 << 20) // config.seq_len))
+    ctx = WriteContext(str(out), str(work), rows, per, num_shards, max(1, (1 << 20) // config.seq_len))
     shards = [None] * num_shards
     reused["shards"] = sum(_shard_done(ctx, k) is not None for k in range(num_shards))
     if resumed:
@@ -284,7 +284,6 @@ def _save_layout(folder: Path, layout: dict, task_token_base: np.ndarray) -> Non
 class WriteContext:
     out: str
     work: str
-    num_tasks: int
     rows: int
     rows_per_shard: int
     num_shards: int

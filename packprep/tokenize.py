@@ -285,7 +285,6 @@ class TaskResult:
     docs: int
     tokens: int
     loss_tokens: int
-    empty: int
     rejected: int = 0
     rejected_reasons: dict = field(default_factory=dict)  # kind -> records
 
@@ -330,8 +329,8 @@ def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> TaskResult:
                                                     for r in rejects))
     for key, arr in (("ids", ids), ("mask", mask), ("len", lengths)):
         save_atomic(paths[key], arr)
-    result = TaskResult(task.index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)),
-                        int((lengths == 0).sum()), len(rejects or ()), dict(sorted(reasons.items())))
+    result = TaskResult(task.index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)), len(rejects or ()),
+                        dict(sorted(reasons.items())))
     write_json_atomic(paths["done"], result.__dict__)
     return result
 
