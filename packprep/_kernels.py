@@ -381,6 +381,17 @@ def gather_rows(order, row_of_sorted, num_rows, run_need, run_size):
     return row_offsets, doc, piece_length
 
 
+@numba.njit(cache=True, nogil=True)
+def copy_pieces(src_ids, src_mask, src_start, dst_ids, dst_mask, dst_start, lengths):
+    """dst[dst_start[k]:+lengths[k]] = src[src_start[k]:+lengths[k]] for ids and mask alike (the shard writer's
+    gather from one spool file: plain loops, no index arrays)."""
+    for k in range(lengths.size):
+        s, d = src_start[k], dst_start[k]
+        for i in range(lengths[k]):
+            dst_ids[d + i] = src_ids[s + i]
+            dst_mask[d + i] = src_mask[s + i]
+
+
 # ---------------------------------------------------------------------------------------------------- random
 
 

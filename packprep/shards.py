@@ -100,32 +100,53 @@ def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
     """Write record batches as one Arrow IPC stream file, atomically (temp name, fsync, rename).
 
     Returns {"file", "rows", "tokens", "bytes", "sha256"} for the manifest. A crash leaves only a `.tmp` file,
-    which no reader takes for a shard.
+    which no reader takes for a shard. The stream is written message by message (schema, each batch's
+    `serialize()`, the end-of-stream marker: the bytes `pa.ipc.new_stream` writes) and hashed on a second thread
+    while the next batch is gathered, so the sha256 costs no extra pass over the file.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     rows = tokens = 0
+    digest = hashlib.sha256()
     try:
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with pa.ipc.new_stream(sink, SCHEMA) as writer:
-                for batch in batches:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-                    tokens += len(batch.column(0).values)
-        digest = sha256_file(tmp)
-        if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        with open(tmp, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+            pending = []
+            for message in _stream_messages(batches):
+                if isinstance(message, pa.RecordBatch):
+                    rows += message.num_rows
+                    tokens += len(message.column(0).values)
+                    message = message.serialize()
+                f.write(message)
+                pending = [p for p in pending if not p.done()]
+                pending.append(hasher.submit(digest.update, message))  # one thread: updates stay in order
+            for p in pending:
+                p.result()
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)  # an error (disk full, ...) leaves no partial file behind; a kill -9 may
         raise  # leave one, which the next build removes before it resumes
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
-    return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size, "sha256": digest}
+    return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size,
+            "sha256": digest.hexdigest()}
+
+
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation marker + 0 length
+
+
+def _stream_messages(batches):
+    """The IPC stream of SCHEMA: schema message, the record batches (serialized by the caller), end marker."""
+    yield SCHEMA.serialize()
+    for batch in batches:
+        if not batch.schema.equals(SCHEMA):
+            raise ValueError(f"record batch schema {batch.schema} is not shard format v1's")
+        yield batch
+    yield _END_OF_STREAM
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -106,34 +106,57 @@ class Tokenizer:
 
     def encode(self, docs: Docs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat ids (int32), flat loss mask (uint8) and per-document lengths (int32, EOS included; 0 = empty)."""
+        fast = self.rust.encode_batch_fast
         if docs.texts is not None:
-            ids = [e.ids for e in self.rust.encode_batch_fast(docs.texts, add_special_tokens=False)]
-            return self._flatten(ids, [None] * len(ids))
-        if docs.prompts is not None:
-            p = [e.ids for e in self.rust.encode_batch_fast(docs.prompts, add_special_tokens=False)]
-            c = [e.ids for e in self.rust.encode_batch_fast(docs.completions, add_special_tokens=False)]
-            masks = [(len(a), len(b)) for a, b in zip(p, c)]  # (prompt tokens, completion tokens)
-            return self._flatten([a + b for a, b in zip(p, c)], masks)
+            return self._join([fast(docs.texts, add_special_tokens=False)], loss=(1,))
+        if docs.prompts is not None:  # prompt tokens carry no loss; completion tokens and EOS do
+            return self._join([fast(docs.prompts, add_special_tokens=False),
+                               fast(docs.completions, add_special_tokens=False)], loss=(0, 1))
         return self._encode_chats(docs.chats)
 
-    def _flatten(self, ids: list[list[int]], masks: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # ids [[5, 6], [], [7]] + EOS 2 -> flat [5, 6, 2, 7, 2], lengths [3, 0, 2] (an empty document stays empty)
+    def _join(self, parts: list, loss: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Document i = parts[0][i] + parts[1][i] + ... + EOS (no EOS on an empty document), each part's tokens
+        masked with its `loss` flag and EOS with the last part's. One pass from the encodings into numpy: ~40 ns
+        per token, most of it `Encoding.ids` building its Python list (there is no bulk export)."""
+        n = len(parts[0])
+        part_lens = np.empty((n, len(parts) + 1), np.int64)
+        for j, p in enumerate(parts):
+            part_lens[:, j] = np.fromiter(map(len, p), np.int64, n)
+        total = part_lens[:, :-1].sum(axis=1)
+        part_lens[:, -1] = total > 0  # the EOS
+        eos, nothing = [self.eos_id], []
+
+        def pieces():  # [5, 6], [7], EOS, [], [], (nothing), ...
+            if len(parts) == 1:
+                for e in parts[0]:
+                    ids = e.ids
+                    yield ids
+                    yield eos if ids else nothing
+            else:
+                for doc in zip(*parts):
+                    got = False
+                    for e in doc:
+                        ids = e.ids
+                        got = got or bool(ids)
+                        yield ids
+                    yield eos if got else nothing
+
+        lengths = total + part_lens[:, -1]
+        flat = np.fromiter(chain.from_iterable(pieces()), np.int32, int(lengths.sum()))
+        flags = np.tile(np.array([*loss, loss[-1]], np.uint8), n)
+        mask = np.repeat(flags, part_lens.ravel())
+        return flat, mask, lengths.astype(np.int32)
+
+    def _flatten(self, ids: list[list[int]], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # chats: ids [[5, 6], [], [7]] + EOS 2 -> flat [5, 6, 2, 7, 2], lengths [3, 0, 2]; EOS carries loss iff the
+        # document's last token does
         n = np.fromiter((len(x) for x in ids), np.int64, len(ids))
         lengths = np.where(n > 0, n + 1, 0)
-        flat = np.fromiter(chain.from_iterable(ids), np.int32, int(n.sum()))
-        ends = np.cumsum(n)[n > 0]
-        flat = np.insert(flat, ends, np.int32(self.eos_id))
-        mask = np.ones(len(flat), np.uint8)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        for i, m in enumerate(masks):
-            if m is None or not lengths[i]:
-                continue
-            if isinstance(m, tuple):  # (prompt, completion): prompt tokens carry no loss
-                mask[starts[i] : starts[i] + m[0]] = 0
-            else:  # a per-token mask array from a chat; EOS carries loss iff the last token does
-                mask[starts[i] : starts[i] + len(m)] = m
-                mask[starts[i] + len(m)] = m[-1] if len(m) else 0
-        return flat, mask, lengths.astype(np.int32)
+        eos = [self.eos_id]
+        flat = np.fromiter(chain.from_iterable(chain.from_iterable((x, eos) for x in ids if x)), np.int32,
+                           int(lengths.sum()))
+        mask = np.concatenate([np.append(m, m[-1]) for m in masks if len(m)] or [np.zeros(0, np.uint8)])
+        return flat, mask.astype(np.uint8), lengths.astype(np.int32)
 
     def _encode_chats(self, chats: list[list[dict]]):
         if self.chat_template is None:

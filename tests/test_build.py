@@ -71,6 +71,30 @@ def test_prompt_completion_mask_covers_completion_and_eos(corpora, tmp_path):
         assert mask.tolist() == [0] * len(pid) + [1] * (len(cid) + 1)
 
 
+def test_encode_empty_parts_against_reference():
+    """Empty prompts, completions and texts: no EOS on an empty document, EOS (with loss) on any other."""
+    from packprep.sources import Docs
+
+    tok = Tokenizer(BUILTIN)
+    prompts = ["a b", "", "", "hello there", "x"]
+    completions = ["c", "d e", "", "", "yz"]
+    ids, mask, lengths = tok.encode(Docs(prompts=prompts, completions=completions))
+    want_ids, want_mask, want_len = [], [], []
+    for p, c in zip(prompts, completions):
+        pid = TOK.rust.encode(p, add_special_tokens=False).ids
+        cid = TOK.rust.encode(c, add_special_tokens=False).ids
+        doc = pid + cid + ([EOS] if pid + cid else [])
+        want_ids += doc
+        want_mask += [0] * len(pid) + [1] * (len(doc) - len(pid))
+        want_len.append(len(doc))
+    assert want_len[2] == 0 and want_len[3] > 0 and want_mask[-1] == 1
+    assert (ids.tolist(), mask.tolist(), lengths.tolist()) == (want_ids, want_mask, want_len)
+    assert ids.dtype == np.int32 and mask.dtype == np.uint8 and lengths.dtype == np.int32
+    ids, mask, lengths = tok.encode(Docs(texts=["", "one two", ""]))
+    one = TOK.rust.encode("one two", add_special_tokens=False).ids
+    assert (ids.tolist(), mask.tolist(), lengths.tolist()) == (one + [EOS], [1] * (len(one) + 1), [0, len(one) + 1, 0])
+
+
 def test_chat_mask_matches_transformers_assistant_mask(corpora, tmp_path):
     from transformers import AutoTokenizer
 
