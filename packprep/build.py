@@ -178,7 +178,9 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     t = time.perf_counter()
     rows, per = counts["rows"], config.rows_per_shard
     num_shards = -(-rows // per)
-    ctx = WriteContext(str(out), str(work), rows, per, num_shards, max(1, (1 << 20) // config.seq_len))
+    # record batches of ~4M tokens: each one gathers from every spool file, so larger batches mean fewer page
+    # faults (a 268 MB shard in a fresh process: 3.2 s with 1M-token batches, 2.6 s with 4M) for ~60 MB more RSS
+    ctx = WriteContext(str(out), str(work), rows, per, num_shards, max(1, (4 << 20) // config.seq_len))
     shards = [None] * num_shards
     reused["shards"] = sum(_shard_done(ctx, k) is not None for k in range(num_shards))
     if resumed:
