@@ -48,7 +48,7 @@ from packprep.shards import (
     write_json_atomic,
     write_shard,
 )
-from packprep.sources import plan_tasks, resolve_inputs, stdlib_corpus
+from packprep.sources import TASK_PLAN_VERSION, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.tokenize import (
     TokenizeContext,
     Tokenizer,
@@ -451,7 +451,8 @@ def _identity(config: BuildConfig, fingerprints: list[dict]) -> dict:
     """What a build's output depends on, as JSON: settings that change bytes, the task split, input fingerprints and
     the tokenizer's content (a tokenizer retrained in place at the same path is a different build)."""
     return json.loads(json.dumps({"config": config.output_keys(), "chunk_bytes": config.chunk_bytes,
-                                  "inputs": fingerprints, "tokenizer": tokenizer_fingerprint(config.tokenizer)}))
+                                  "task_plan": TASK_PLAN_VERSION, "inputs": fingerprints,
+                                  "tokenizer": tokenizer_fingerprint(config.tokenizer)}))
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -533,7 +534,8 @@ def _prepare_work(work: Path, identity: dict, overwrite: bool, progress: Progres
                                   f"{finished} finished task(s); rerun the same command to resume it, or pass "
                                   "--overwrite to discard it")
         if finished:
-            progress.log(f"{out}: discarding an unfinished build of other settings ({'; '.join(diff) or 'chunk size'})")
+            progress.log(f"{out}: discarding an unfinished build of other settings "
+                         f"({'; '.join(diff) or 'chunk size or task plan'})")
     if not keep:
         marker.unlink(missing_ok=True)  # first: a half-deleted work folder is never taken for a reusable one
         shutil.rmtree(work, ignore_errors=True)

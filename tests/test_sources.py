@@ -70,3 +70,23 @@ def test_empty_file_among_good_ones(corpora, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     files = resolve_inputs([tmp_path / "empty.jsonl", corpora["text"]])
     assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 50
+
+
+def test_last_chunks_are_split_finer(tmp_path):
+    """The last 2 chunks' worth of JSONL input comes as quarter chunks (so workers finish together), across files,
+    contiguous, with indices in order; earlier chunks keep their size."""
+    paths = []
+    for k in range(2):
+        p = tmp_path / f"part{k}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(300, 10 + k)))
+        paths.append(p)
+    tasks = plan_tasks(resolve_inputs(paths), chunk_bytes=2000)
+    assert [t.index for t in tasks] == list(range(len(tasks)))
+    for path in paths:  # each file covered exactly, in order
+        mine = [t for t in tasks if t.path == str(path)]
+        assert mine[0].start == 0 and all(a.stop == b.start for a, b in zip(mine, mine[1:]))
+        assert mine[-1].stop == path.stat().st_size
+    sizes = [t.stop - t.start for t in tasks]
+    assert max(sizes[-8:]) < 1000 and min(sizes[:5]) >= 2000  # quarter chunks at the end only
+    assert sum(sizes[-9:]) >= 4000 - 1000  # about 2 chunks' worth split
+    assert [d for t in tasks for b in read_task(t) for d in b.texts] == texts(300, 10) + texts(300, 11)
