@@ -358,8 +358,8 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
 
     def batches():
         for b in range(lo, hi, ctx.batch_rows):
-            batch = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, spool)
-            loss[0] += int(np.asarray(batch.column("loss_mask").values).sum(dtype=np.int64))
+            batch, loss_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, spool)
+            loss[0] += loss_tokens
             yield batch
             _test_kill(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
@@ -401,7 +401,8 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def gather_rows(rows: np.ndarray, lay: dict, spool: _Spool):
-    """One record batch holding the given rows (plan row indices), tokens gathered from the spool."""
+    """One record batch holding the given rows (plan row indices), tokens gathered from the spool, and its number
+    of loss tokens."""
     from packprep._kernels import copy_pieces
 
     ro = lay["row_offsets"]
@@ -425,7 +426,8 @@ def gather_rows(rows: np.ndarray, lay: dict, spool: _Spool):
         copy_pieces(np.asarray(t_ids), np.asarray(t_mask), ppos[group] - base[task], ids, mask, cum[:-1][group],
                     plen[group])
         spool.release(task)  # RSS: at most one task file's pages mapped at a time
-    return make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
+    batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
+    return batch, int(mask.sum(dtype=np.int64))
 
 
 def sha256_of_strings(items: list[str]) -> str:

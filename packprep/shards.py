@@ -85,15 +85,25 @@ def make_batch(
     local = idx - entry_off[:-1][row_of_entry]  # position of the entry inside its row: 0..npieces
     piece_at = piece_off[:-1][row_of_entry] + local  # index into global_cum
     doc_offsets = (global_cum[piece_at] - global_cum[piece_off[:-1]][row_of_entry]).astype(np.int32)
+    doc_ids = np.asarray(doc_ids, dtype=np.int64)[p0 : row_piece_offsets[-1]]
     arrays = [
-        pa.ListArray.from_arrays(pa.array(tok_off), pa.array(tokens)),
-        pa.ListArray.from_arrays(pa.array(entry_off), pa.array(doc_offsets)),
-        pa.ListArray.from_arrays(pa.array(piece_off), pa.array(pl)),
-        pa.ListArray.from_arrays(pa.array(tok_off), pa.array(loss_mask)),
-        pa.ListArray.from_arrays(pa.array(piece_off),
-                                 pa.array(np.asarray(doc_ids, dtype=np.int64)[p0 : row_piece_offsets[-1]])),
+        pa.ListArray.from_arrays(_arrow(tok_off), _arrow(tokens)),
+        pa.ListArray.from_arrays(_arrow(entry_off), _arrow(doc_offsets)),
+        pa.ListArray.from_arrays(_arrow(piece_off), _arrow(pl)),
+        pa.ListArray.from_arrays(_arrow(tok_off), _arrow(loss_mask)),
+        pa.ListArray.from_arrays(_arrow(piece_off), _arrow(doc_ids)),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+_ARROW_TYPES = {np.dtype(np.int32): pa.int32(), np.dtype(np.int64): pa.int64(), np.dtype(np.uint8): pa.uint8()}
+
+
+def _arrow(a: np.ndarray) -> pa.Array:
+    """A numpy array as an Arrow array without a copy. Not `pa.array`: its first call imports pandas (~0.25 s per
+    process) just to check whether `a` is a pandas object."""
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(_ARROW_TYPES[a.dtype], len(a), [None, pa.py_buffer(a)])
 
 
 def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:

@@ -291,3 +291,15 @@ def test_error_lines_keep_square_brackets(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
     assert 'packprep[plot]' in r.output, r.output
+
+
+def test_build_does_not_import_pandas(corpora, tmp_path):
+    """`pa.array` imports pandas on its first call (~0.25 s per process, just to check for pandas objects); the
+    build path wraps numpy buffers instead. A fresh process builds and checks."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from packprep.build import build; from packprep.config import BuildConfig; "
+            f"build(BuildConfig(inputs=({str(corpora['qa'])!r},), out={str(tmp_path / 'out')!r}, "
+            "workers=1, seq_len=256)); assert 'pandas' not in sys.modules, 'the build imported pandas'")
+    subprocess.run([sys.executable, "-c", code], check=True)
