@@ -140,15 +140,13 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     results = [None] * len(tasks)
     reused = {"tokenize_tasks": sum(spool_paths(spool, i)["done"].exists() for i in range(len(tasks)))}
     warm_up = _WarmUp(config.strategy)
-    workers = getattr(executor, "workers", 1)
     with progress.stage("tokenize", len(tasks), "chunks") as bar:
         for n, r in enumerate(executor.imap(tokenize_task, tasks, TokenizeContext(str(tok_dir), str(spool),
                                                                                        config.on_error)), 1):
             results[r.index] = r
             bar.advance(1, docs=r.docs, tokens=r.tokens)
             _test_kill(f"tokenize:{n}")
-            if len(tasks) - n < workers:  # the last tasks run: a worker's core is free for the warm-up
-                warm_up.start()
+            warm_up.start()  # after the first result: the pool's workers are all forked by then
     warm_up.join()
     timings["tokenize"] = time.perf_counter() - t
 
@@ -227,9 +225,11 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
 
 
 class _WarmUp:
-    """Import numba and load the packing and gather kernels from its cache (~0.4 s, nearly all of the pack stage on
-    a small corpus) on a thread while the last tokenize tasks run, when a core would otherwise sit idle; the
-    write workers, forked later, inherit the loaded kernels. Any failure is left for the real call to report."""
+    """Import numba and load the packing and gather kernels from its cache (~0.4 s of CPU, nearly all of the pack
+    stage on a small corpus) on a thread while the tokenize workers run, sharing the cores with them instead of
+    holding up the pack stage; the write workers, forked later, inherit the loaded kernels. Started only once the
+    tokenize pool has forked its workers (a fork while this thread holds the import lock would deadlock the child).
+    Any failure is left for the real call to report."""
 
     def __init__(self, strategy: str):
         self.strategy, self.thread = strategy, None
