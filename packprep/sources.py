@@ -140,11 +140,12 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
             continue  # an empty file holds no records (it still counts as an input in the manifest)
         if kind == "json":
             kind = _json_kind(path)
-        schema = peek_schema(path, kind)
+        ranges = _json_ranges(path, chunk_bytes) if kind == "json" else None  # one scan, for peek and tasks
+        schema = _peek_json(path, ranges[0]) if kind == "json" else peek_schema(path, kind)
         if schema is None:
             continue  # no records (blank lines, an empty array): ignored like an empty file
         fmt = resolve_format(path, schema, format, **fields)
-        for start, stop in _chunks(path, kind, chunk_bytes):
+        for start, stop in ranges or _chunks(path, kind, chunk_bytes):
             tasks.append(ReadTask(len(tasks), str(path), kind, start, stop, fmt))
     return _split_tail(tasks, chunk_bytes)
 
@@ -191,7 +192,9 @@ def _chunks(path: Path, kind: str, chunk_bytes: int) -> list[tuple[int, int]]:
         sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
     elif kind == "arrow":
         sizes = [b.nbytes for b in _arrow_batches(path)]
-    else:  # json arrays and CSV: one task per file
+    elif kind == "json":
+        return _json_ranges(path, chunk_bytes)
+    else:  # CSV: one task per file
         return [(0, 1)]
     return _group(sizes, chunk_bytes)
 
@@ -216,8 +219,7 @@ def peek_schema(path: Path, kind: str) -> pa.Schema | None:
         if kind == "jsonl":
             return _peek_jsonl(path)
         if kind == "json":
-            records = [r for r in _load_json_array(path)[:_PEEK_LINES] if isinstance(r, dict)]
-            return _union([pa.Table.from_pylist([r]).schema for r in records]) if records else None
+            return _peek_json(path, _json_ranges(path, _PEEK_BYTES)[0])
         if kind == "parquet":
             return pq.read_schema(path)
         if kind == "arrow":
@@ -381,8 +383,11 @@ def _read_parts(task: ReadTask):
             else:  # find the bad lines one by one (only in a chunk that failed)
                 yield [_json_line(raw) for _, raw in lines.lines], lines.locate
         elif task.kind == "json":
-            records = _load_json_array(path)
-            yield records, lambda i: ("element", i, _raw(records[i]))
+            from packprep._jsonscan import scan_json_array
+
+            records = _json_range(path, task.start, task.stop)
+            first = _LazyIndex(lambda: scan_json_array(path, 1 << 62, count_before=task.start)[3])
+            yield records, lambda i: ("element", first() + i, _raw(records[i]))
         elif task.kind in ("parquet", "arrow"):
             if task.kind == "parquet":
                 pf = pq.ParquetFile(path)
@@ -443,14 +448,75 @@ def _json_line(raw: bytes):
         return _Bad("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})")
 
 
-def _load_json_array(path: Path) -> list:
+def _json_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Byte ranges of whole elements of a JSON array file, ~chunk_bytes each (see packprep._jsonscan)."""
+    from packprep._jsonscan import JsonScanError, scan_json_array
+
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        array_start, end, cuts, _ = scan_json_array(path, chunk_bytes)
+    except JsonScanError as e:  # report the parser's precise error when the file is small enough to parse
+        if path.stat().st_size <= _PARSE_WHOLE_MAX:
+            _json_range(path, 0, path.stat().st_size, wrapped=False)
+        raise ValueError(f"{e}; expected a JSON array of objects (or JSON lines)") from None
+    ranges = list(zip([array_start + 1] + [c + 1 for c in cuts], cuts + [end]))
+    if cuts:  # a trailing comma that fell on a cut leaves a blank last range: `[{...},\n]` is not JSON
+        with open(path, "rb") as f:
+            f.seek(ranges[-1][0])
+            if not f.read(end - ranges[-1][0]).strip():
+                line, col = _position(path, end, 1, 1)
+                raise ValueError(f"{path}: malformed JSON at line {line} column {col}: Expecting value")
+    return ranges
+
+
+_PARSE_WHOLE_MAX = 256 << 20
+
+
+def _json_range(path: Path, start: int, stop: int, wrapped: bool = True) -> list:
+    """The elements in bytes [start, stop) of a JSON array file (a range from _json_ranges), as Python values."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(stop - start)
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads("[" + text + "]" if wrapped else text)
+    except UnicodeDecodeError as e:
+        line, col = _position(path, start + e.start, 0, 1)
+        raise ValueError(f"{path}: invalid UTF-8 at line {line} column {col}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        line, col = _position(path, start, e.lineno, e.colno - (wrapped and e.lineno == 1))  # the added '['
+        raise ValueError(f"{path}: malformed JSON at line {line} column {col}: {e.msg}") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of objects (or JSON lines)")
     return data
+
+
+def _position(path: Path, start: int, lineno: int, colno: int) -> tuple[int, int]:
+    """File line and column of (lineno, colno) counted from byte `start` (error path only: reads the prefix)."""
+    with open(path, "rb") as f:
+        prefix = f.read(start)
+    line = prefix.count(b"\n") + 1
+    col = start - (prefix.rfind(b"\n") + 1)  # 0-based column of `start` on its line
+    if lineno <= 1:
+        return line, col + max(colno, 1)
+    return line + lineno - 1, colno
+
+
+def _peek_json(path: Path, first: tuple[int, int]) -> pa.Schema | None:
+    """The union schema of the first records of a JSON array file (parses only its first range)."""
+    records = [r for r in _json_range(path, *first)[:_PEEK_LINES] if isinstance(r, dict)]
+    return _union([pa.Table.from_pylist([r]).schema for r in records]) if records else None
+
+
+class _LazyIndex:
+    """A value computed on first use (the element index a JSON range starts at: only rejects need it)."""
+
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def __call__(self) -> int:
+        if self.value is None:
+            self.value = self.fn()
+        return self.value
 
 
 def _parse_jsonl(buf: bytes) -> pa.Table:

@@ -220,6 +220,34 @@ def test_json_array_with_one_bad_element(tmp_path):
     assert sorted(read_docs(tmp_path / "skip")) == [0, 1, 2, 4, 5]
 
 
+def test_json_array_split_into_tasks_reports_file_positions(tmp_path):
+    """A JSON array is cut into tasks at element boundaries (strings holding brackets and commas included); a bad
+    element in a later task is reported with its index in the whole array, malformed JSON with its file line."""
+    src = tmp_path / "pc.json"
+    recs = [{"prompt": f'p{i} "],[{{,\\', "completion": t} for i, t in enumerate(texts(300, 5))]
+    recs[250] = {"prompt": "alpha", "completion": None}
+    src.write_text(json.dumps(recs, indent=1))
+    tasks = plan_tasks(resolve_inputs([src]), chunk_bytes=2000)
+    assert len(tasks) > 5 and all(t.kind == "json" for t in tasks)
+    with pytest.raises(RecordError, match=r"pc.json element 250: field 'completion' is null"):
+        run([src], tmp_path / "raise", chunk_bytes=2000, workers=2)
+    run([src], tmp_path / "skip", chunk_bytes=2000, on_error="skip")
+    assert [r["element"] for r in rejects(tmp_path / "skip")] == [250]
+    assert sorted(read_docs(tmp_path / "skip")) == [i for i in range(300) if i != 250]
+    broken = tmp_path / "broken.json"
+    text = json.dumps(recs[:200], indent=1)
+    lines = text.split("\n")
+    at = next(i for i in range(700, len(lines)) if '"completion"' in lines[i])
+    lines[at] = lines[at].replace('"completion"', '"completion" oops')
+    broken.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=rf"broken.json: malformed JSON at line {at + 1} column 16: Expecting ':'"):
+        run([broken], tmp_path / "broken", chunk_bytes=2000)
+    unclosed = tmp_path / "unclosed.json"
+    unclosed.write_text(text[:-1])
+    with pytest.raises(ValueError, match=r"unclosed.json: malformed JSON at line \d+"):
+        run([unclosed], tmp_path / "unclosed")
+
+
 def test_parquet_null_row(tmp_path):
     src = tmp_path / "t.parquet"
     t = texts(10, 4)

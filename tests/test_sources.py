@@ -7,6 +7,8 @@ import json
 
 import pytest
 from build_fixtures import texts, write_corpora
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from packprep.sources import plan_tasks, read_task, resolve_inputs
 
@@ -31,7 +33,7 @@ def test_chunking_does_not_change_documents(corpora, fmt):
     small = plan_tasks(files, chunk_bytes=300)
     assert len(small) >= len(whole)
     assert docs_of(whole) == docs_of(small) and len(docs_of(whole)) == 50
-    if fmt in ("text", "chat", "sharegpt", "hf"):
+    if fmt in ("text", "chat", "sharegpt", "hf", "prompt-completion"):  # prompt-completion: a JSON array
         assert len(small) > 1
 
 
@@ -90,3 +92,22 @@ def test_last_chunks_are_split_finer(tmp_path):
     assert max(sizes[-8:]) < 1000 and min(sizes[:5]) >= 2000  # quarter chunks at the end only
     assert sum(sizes[-9:]) >= 4000 - 1000  # about 2 chunks' worth split
     assert [d for t in tasks for b in read_task(t) for d in b.texts] == texts(300, 10) + texts(300, 11)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab,[]{}"\\: \n\u00e9', max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='k,]"\\', max_size=3), inner,
+                                                                  max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(_json_values, max_size=12), chunk=st.integers(1, 64), indent=st.sampled_from([None, 0, 2]))
+def test_json_array_ranges_parse_to_the_array(tmp_path, values, chunk, indent):
+    """Any JSON array (strings full of brackets, commas, quotes and backslashes), cut at any chunk size, parses
+    range by range to the same elements."""
+    from packprep.sources import _json_range, _json_ranges
+
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(values, indent=indent, ensure_ascii=False))
+    assert [v for a, b in _json_ranges(p, chunk) for v in _json_range(p, a, b)] == values
