@@ -146,6 +146,41 @@ def test_loss_normalization_under_accumulation_equals_one_batch():
     assert rel(m.lm_head.weight.grad, g_one["lm_head.weight"]) > 1e-2
 
 
+def test_chunked_loss_equals_full_logits_loss():
+    """CausalLMLoss (logits only at loss positions, a few tokens per chunk, recomputed in backward) gives the loss and
+    the gradients of full logits + cross-entropy; a micro-batch without loss tokens gives 0 and touches every
+    parameter."""
+    from trainer.train import CausalLMLoss
+
+    rng = np.random.default_rng(3)
+    b, _, _ = packed_example(rng, docs=5)
+    labels = b.labels.clone()
+    labels[::3] = -100  # masked positions are skipped, not computed
+    torch.manual_seed(0)
+    model = build_model("tiny", "sdpa", vocab_size=512)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    chunked = CausalLMLoss(model, chunk_elements=7 * vocab)  # 7 tokens per chunk: many chunks
+    assert chunked.head is model.lm_head and chunked.chunk == 7
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    inputs = model_inputs(b)
+    full_loss, full_g = grads(lambda: torch.nn.functional.cross_entropy(
+        model(**inputs).logits[0, :-1].float(), labels[1:], ignore_index=-100, reduction="sum"))
+    loss, g = grads(lambda: chunked(inputs, labels[None]))
+    assert rel(loss, full_loss) < 1e-6
+    assert g.keys() == full_g.keys()
+    for n in g:
+        assert rel(g[n], full_g[n]) < 1e-5, n
+    none = torch.full_like(labels, -100)[None]
+    zero, g0 = grads(lambda: chunked(inputs, none))
+    assert float(zero) == 0.0 and "lm_head.weight" in g0
+
+
 def test_build_model_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         build_model("tiny", "xformers")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from packprep.shards import atomic_file
 from trainer.data import IGNORE_INDEX, PackedShards
@@ -115,11 +116,68 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
+LOSS_CHUNK_ELEMENTS = 1 << 28  # logits computed at once: 268M fp32 values = 1 GiB (1,771 tokens at a 151k vocab)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """An HF causal LM and its summed next-token loss in one forward (the module DDP wraps, so the gradient sync
+    sees every parameter use).
+
+    Logits are computed only at positions that carry loss, `LOSS_CHUNK_ELEMENTS / vocab` tokens at a time, and
+    recomputed chunk by chunk in backward (activation checkpointing), so the full [tokens, vocab] fp32 tensor never
+    exists: at a 151k vocabulary and 16k tokens that tensor alone is ~10 GB (x2 with its gradient). Models whose
+    head is not a plain Linear on the decoder's last hidden state (logit soft-capping or scaling) take the plain
+    path: full logits, then cross-entropy.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_elements: int = LOSS_CHUNK_ELEMENTS):
+        super().__init__()
+        self.model = model
+        self.head = _plain_head(model)
+        self.chunk = max(1, chunk_elements // model.get_input_embeddings().weight.shape[0])
+
+    def forward(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """Summed loss; labels unshifted (HF convention), same leading shape as input_ids ([1, T] or [B, L])."""
+        y = labels[..., 1:].flatten()
+        if self.head is None:
+            logits = self.model(**inputs).logits
+            return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), y, ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state
+        h = hidden[..., :-1, :].flatten(0, -2)
+        keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
+        if len(y) == 0:  # no loss here: still touch the head, so every parameter takes part (DDP expects it)
+            return self.head(hidden[..., :1, :]).float().sum() * 0.0
+        total = None
+        for s in range(0, len(y), self.chunk):
+            part = torch.utils.checkpoint.checkpoint(_head_loss, self.head, h[s : s + self.chunk],
+                                                     y[s : s + self.chunk], use_reentrant=False)
+            total = part if total is None else total + part
+        return total
+
+
+def _head_loss(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def _plain_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output Linear when logits are exactly head(decoder(...).last_hidden_state); None otherwise."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    if not isinstance(head, torch.nn.Linear) or cfg is None or not hasattr(model, "get_decoder"):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1) not in (None, 1) or getattr(
+            cfg, "logits_scaling", 1) not in (None, 1):
+        return None
+    return head if model.get_decoder() is not model else None
+
+
 def loss_sum(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token loss; labels unshifted (HF convention), same leading shape as input_ids ([1, T] or [B, L])."""
-    logits = model(**inputs).logits
-    return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), labels[..., 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed next-token loss of an HF causal LM, a CausalLMLoss, or a DDP-wrapped CausalLMLoss."""
+    if isinstance(model, (CausalLMLoss, torch.nn.parallel.DistributedDataParallel)):
+        return model(inputs, labels)  # DDP: its own forward must run (it prepares the gradient sync)
+    return CausalLMLoss(model)(inputs, labels)
 
 
 def train_step(model, optimizer, micro: list[tuple[dict, torch.Tensor]], *, device: torch.device, bf16: bool,
@@ -224,9 +282,9 @@ def train(cfg: TrainConfig, echo=print) -> list[dict]:
         ds.load_state_dict(state["loader"][rank])
         step = state["step"]
         say(f"resumed from {ckpt / 'last.pt'} at step {step}")
-    net = model
+    net = CausalLMLoss(model)
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
                                                         else None)
     n_params = num_params(model)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
