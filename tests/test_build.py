@@ -303,3 +303,16 @@ def test_build_does_not_import_pandas(corpora, tmp_path):
             f"build(BuildConfig(inputs=({str(corpora['qa'])!r},), out={str(tmp_path / 'out')!r}, "
             "workers=1, seq_len=256)); assert 'pandas' not in sys.modules, 'the build imported pandas'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_console_script_exit_codes_and_output_survive_the_fast_exit(tmp_path):
+    """`packprep` ends with os._exit (skipping the interpreter's teardown): piped output must still arrive and the
+    exit code must be the command's."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "packprep.cli", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("packprep ")
+    bad = subprocess.run([sys.executable, "-m", "packprep.cli", "build", str(tmp_path / "missing.jsonl"), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
