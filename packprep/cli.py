@@ -37,16 +37,20 @@ def user_errors(fn):
     return wrapper
 
 
-@app.callback()
-def main(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    """packprep: tokenize, bin-pack and shard corpora for packed (varlen) LLM training."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:  # an eager option's callback: runs before click asks for a command
         from packprep import __version__
 
         console.print(f"packprep {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """packprep: tokenize, bin-pack and shard corpora for packed (varlen) LLM training."""
 
 
 # Commands are added below, one section per area (simulate: packing; build/inspect/verify: pipeline; train: trainer).
