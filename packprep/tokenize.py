@@ -4,7 +4,7 @@
     ids, mask, lengths = tok.encode(docs)                    # flat int32 ids, flat uint8 mask, int32 per document
     result = tokenize_task(task, ctx)                        # one ReadTask -> spool/t000012.{ids,mask,len}.npy
 
-Cost: the tokenizer's own batch encode (Rust, one core per worker process) plus ~30 ns per token to flatten the
+Cost: the tokenizer's own batch encode (Rust, one core per worker process) plus ~45 ns per token to copy the
 ids into numpy; chat adds one Jinja render per conversation. Memory per worker: one task's text and tokens (a few
 times `chunk_bytes`). Loss mask: plain text all 1; prompt/completion 1 on completion + EOS; chat 1 on the tokens
 the template's `{% generation %}` blocks mark (assistant turns), or, for templates without those markers, on each
