@@ -147,9 +147,9 @@ def test_loss_normalization_under_accumulation_equals_one_batch():
 
 
 def test_chunked_loss_equals_full_logits_loss():
-    """CausalLMLoss (logits only at loss positions, a few tokens per chunk, recomputed in backward) gives the loss and
-    the gradients of full logits + cross-entropy; a micro-batch without loss tokens gives 0 and touches every
-    parameter."""
+    """CausalLMLoss (logits only at loss positions, a few tokens per chunk, gradients computed chunk by chunk) gives
+    the loss and the gradients of full logits + cross-entropy; a micro-batch without loss tokens gives 0 and touches
+    every parameter."""
     from trainer.train import CausalLMLoss
 
     rng = np.random.default_rng(3)
@@ -179,6 +179,31 @@ def test_chunked_loss_equals_full_logits_loss():
     none = torch.full_like(labels, -100)[None]
     zero, g0 = grads(lambda: chunked(inputs, none))
     assert float(zero) == 0.0 and "lm_head.weight" in g0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_cross_entropy_function_against_autograd(bias):
+    """The fused head + cross-entropy (gradients computed in the forward pass) against F.linear + F.cross_entropy
+    and autograd: loss, dh, dW, db; chunks of 3 rows; a frozen weight gets no gradient."""
+    from trainer.train import _LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    y = torch.randint(0, 13, (11,), generator=g)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y, reduction="sum")
+    want = torch.autograd.grad(2.5 * ref, [h, w] + ([b] if bias else []))
+    got_loss = _LinearCrossEntropy.apply(h, w, b, y, 3)
+    got = torch.autograd.grad(2.5 * got_loss, [h, w] + ([b] if bias else []))
+    assert abs(float(got_loss) - float(ref)) < 1e-5 * float(ref)
+    for a, e in zip(got, want):
+        assert rel(a, e) < 1e-6
+    frozen = w.detach()
+    out = _LinearCrossEntropy.apply(h, frozen, None, y, 4)
+    (dh,) = torch.autograd.grad(out, [h])
+    (want_dh,) = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ frozen.T, y, reduction="sum"), [h])
+    assert rel(dh, want_dh) < 1e-6
 
 
 def test_build_model_errors(tmp_path):

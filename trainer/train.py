@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from packprep.shards import atomic_file
 from trainer.data import IGNORE_INDEX, PackedShards
@@ -123,11 +122,12 @@ class CausalLMLoss(torch.nn.Module):
     """An HF causal LM and its summed next-token loss in one forward (the module DDP wraps, so the gradient sync
     sees every parameter use).
 
-    Logits are computed only at positions that carry loss, `LOSS_CHUNK_ELEMENTS / vocab` tokens at a time, and
-    recomputed chunk by chunk in backward (activation checkpointing), so the full [tokens, vocab] fp32 tensor never
-    exists: at a 151k vocabulary and 16k tokens that tensor alone is ~10 GB (x2 with its gradient). Models whose
-    head is not a plain Linear on the decoder's last hidden state (logit soft-capping or scaling) take the plain
-    path: full logits, then cross-entropy.
+    Logits are computed only at positions that carry loss, `LOSS_CHUNK_ELEMENTS / vocab` tokens at a time, and each
+    chunk's gradients (w.r.t. the hidden states, the head's weight and bias) are computed right there, in the
+    forward pass (`_LinearCrossEntropy`): the full [tokens, vocab] fp32 tensor never exists (at a 151k vocabulary
+    and 16k tokens it alone is ~10 GB, x2 with its gradient) and no logits are recomputed in backward. Models
+    whose head is not a plain Linear on the decoder's last hidden state (logit soft-capping or scaling) take the
+    plain path: full logits, then cross-entropy.
     """
 
     def __init__(self, model: torch.nn.Module, chunk_elements: int = LOSS_CHUNK_ELEMENTS):
@@ -146,19 +146,51 @@ class CausalLMLoss(torch.nn.Module):
         hidden = self.model.get_decoder()(**inputs).last_hidden_state
         h = hidden[..., :-1, :].flatten(0, -2)
         keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-        h, y = h.index_select(0, keep), y.index_select(0, keep)
-        if len(y) == 0:  # no loss here: still touch the head, so every parameter takes part (DDP expects it)
-            return self.head(hidden[..., :1, :]).float().sum() * 0.0
-        total = None
-        for s in range(0, len(y), self.chunk):
-            part = torch.utils.checkpoint.checkpoint(_head_loss, self.head, h[s : s + self.chunk],
-                                                     y[s : s + self.chunk], use_reentrant=False)
-            total = part if total is None else total + part
+        return _LinearCrossEntropy.apply(h.index_select(0, keep), self.head.weight, self.head.bias,
+                                         y.index_select(0, keep), self.chunk)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(h_i W^T + b, y_i), chunk by chunk, with its gradients computed in the same pass.
+
+    Per chunk: logits (matmul in the autocast dtype, softmax in fp32), the loss, dlogits = softmax - onehot (cast
+    to the matmul dtype, as autograd would), dh = dlogits W, dW += dlogits^T h (accumulated in fp32). Backward only
+    scales the saved dh, dW, db by the incoming gradient. Extra memory: dW in fp32 (V x H) instead of a second
+    logits pass. No rows: loss 0 and zero gradients (every parameter still takes part, as DDP expects).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        want_w, want_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]  # a frozen head: skip
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        for s in range(0, len(y), chunk):
+            hc, yc = h[s : s + chunk], y[s : s + chunk]
+            logits = F.linear(hc, weight, bias)  # autocast: in its dtype
+            mm_dtype = logits.dtype
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad[torch.arange(len(yc), device=grad.device), yc] -= 1.0
+            grad = grad.to(mm_dtype)
+            grad_h[s : s + chunk] = (grad @ weight.to(mm_dtype)).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (grad.t() @ hc.to(mm_dtype)).float()
+            if grad_b is not None:
+                grad_b += grad.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
 
-
-def _head_loss(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
+                (grad_b * grad_out).to(b_dtype) if grad_b is not None else None, None, None)
 
 
 def _plain_head(model: torch.nn.Module) -> torch.nn.Module | None:
