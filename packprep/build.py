@@ -14,7 +14,7 @@ Other settings on an unfinished folder with finished work are refused unless --o
 DiskFullError line; an exclusive flock on OUT keeps a second build out. Tests: tests/test_resume.py (kill -9 hooks:
 PACKPREP_TEST_KILL_AT, see `_test_kill`).
 
-Cost: tokenizer-bound (95-99% of the raw tokenizer's throughput end to end over 133M tokens on 2 cores,
+Cost: tokenizer-bound (90-99% of the raw tokenizer's throughput end to end over 133M tokens on 2 cores,
 benchmarks/RESULTS.md). Reading is pyarrow's C++ parse; packing ~1 s per 10M documents (numba, its kernels loaded on a
 thread while tokenizing); writing is one numba gather from the memory-mapped spool per 4M-token record batch, hashed
 on a second thread as it is written. The spool (~5 bytes/token) is deleted at the end.
