@@ -20,11 +20,11 @@ BLOCK = 16 << 20
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan(block, base, depth, in_str, esc, next_cut, chunk_bytes, cuts, count_before):
+def _scan(block, base, depth, in_str, esc, next_cut, chunk_bytes, cuts):
     """One block of the byte scan. State in, state out: (depth, in_str, esc, next_cut, n_cuts, separators, end).
 
-    end: the position of the array's closing bracket (-1: not in this block); separators: top-level commas before
-    `count_before` (a byte position), i.e. the index of the first element of a range starting there.
+    end: the position of the array's closing bracket (-1: not in this block); separators: the top-level commas in
+    the block.
     """
     n_cuts = 0
     separators = 0
@@ -47,8 +47,7 @@ def _scan(block, base, depth, in_str, esc, next_cut, chunk_bytes, cuts, count_be
             if depth <= 0:
                 return depth, in_str, esc, next_cut, n_cuts, separators, base + i
         elif c == 44 and depth == 1:  # a top-level comma
-            if base + i < count_before:
-                separators += 1
+            separators += 1
             if base + i >= next_cut and n_cuts < cuts.size:
                 cuts[n_cuts] = base + i
                 n_cuts += 1
@@ -60,10 +59,11 @@ class JsonScanError(ValueError):
     """The file is not one balanced JSON array (the caller reports the parser's precise error)."""
 
 
-def scan_json_array(path: str | Path, chunk_bytes: int, count_before: int = -1) -> tuple[int, int, list[int], int]:
+def scan_json_array(path: str | Path, chunk_bytes: int, stop_at: int = -1) -> tuple[int, int, list[int], int]:
     """(array_start, end, cuts, separators): the '[' position, the closing ']' position, the top-level commas that
-    cut the array into ranges of >= chunk_bytes, and the number of top-level commas before byte `count_before`.
-    `count_before` >= 0 stops the scan there (the element index of a range start; only used to report rejects)."""
+    cut the array into ranges of >= chunk_bytes, and the number of top-level commas scanned. `stop_at` >= 0 ends the
+    scan at that byte (end -1): the separators before a range start are the index of its first element (only used
+    to report rejects)."""
     cuts: list[int] = []
     separators = 0
     with open(path, "rb") as f:
@@ -81,14 +81,14 @@ def scan_json_array(path: str | Path, chunk_bytes: int, count_before: int = -1) 
             n = f.readinto(buf)
             if not n:
                 raise JsonScanError(f"{path}: the JSON array is not closed")
-            if 0 <= count_before < base + n:
-                n = max(count_before - base, 0)
+            if 0 <= stop_at < base + n:
+                n = max(stop_at - base, 0)
             block = np.frombuffer(buf, np.uint8, n)
             depth, in_str, esc, next_cut, n_cuts, seps, end = _scan(block, base, depth, in_str, esc, next_cut,
-                                                                     max(chunk_bytes, 1), room, count_before)
+                                                                     max(chunk_bytes, 1), room)
             cuts += room[:n_cuts].tolist()
             separators += seps
-            if count_before >= 0 and base + n >= count_before:
+            if stop_at >= 0 and base + n >= stop_at:
                 return array_start, -1, cuts, separators
             if end >= 0:
                 if depth < 0:

@@ -107,56 +107,37 @@ def _arrow(a: np.ndarray) -> pa.Array:
 
 
 def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
-    """Write record batches as one Arrow IPC stream file, atomically (temp name, fsync, rename).
+    """Write record batches as one Arrow IPC stream file, atomically (`atomic_file`: temp name, fsync, rename).
 
     Returns {"file", "rows", "tokens", "bytes", "sha256"} for the manifest. A crash leaves only a `.tmp` file,
-    which no reader takes for a shard. The stream is written message by message (schema, each batch's
+    which no reader takes for a shard. The stream is written message by message (the schema, each batch's
     `serialize()`, the end-of-stream marker: the bytes `pa.ipc.new_stream` writes) and hashed on a second thread
     while the next batch is gathered, so the sha256 costs no extra pass over the file.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     rows = tokens = 0
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-            pending = []
-            for message in _stream_messages(batches):
-                if isinstance(message, pa.RecordBatch):
-                    rows += message.num_rows
-                    tokens += len(message.column(0).values)
-                    message = message.serialize()
-                f.write(message)
-                pending = [p for p in pending if not p.done()]
-                pending.append(hasher.submit(digest.update, message))  # one thread: updates stay in order
-            for p in pending:
-                p.result()
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an error (disk full, ...) leaves no partial file behind; a kill -9 may
-        raise  # leave one, which the next build removes before it resumes
-    os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path.parent)
+    with atomic_file(path, fsync=fsync) as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+
+        def put(message) -> None:
+            f.write(message)
+            hasher.submit(digest.update, message)  # one thread: in order; the task holds the buffer until hashed
+
+        put(SCHEMA.serialize())
+        for batch in batches:
+            if not batch.schema.equals(SCHEMA):
+                raise ValueError(f"record batch schema {batch.schema} is not shard format v1's")
+            rows += batch.num_rows
+            tokens += len(batch.column(0).values)
+            put(batch.serialize())
+        put(_END_OF_STREAM)
     return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size,
             "sha256": digest.hexdigest()}
 
 
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation marker + 0 length
-
-
-def _stream_messages(batches):
-    """The IPC stream of SCHEMA: schema message, the record batches (serialized by the caller), end marker."""
-    yield SCHEMA.serialize()
-    for batch in batches:
-        if not batch.schema.equals(SCHEMA):
-            raise ValueError(f"record batch schema {batch.schema} is not shard format v1's")
-        yield batch
-    yield _END_OF_STREAM
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -204,21 +185,24 @@ def write_hf_metadata(out: str | Path, files: list[str], fingerprint: str, descr
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "wb"):
+def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True):
     """Write `path` all or nothing: a temporary file beside it that is fsynced, renamed into place and its folder
-    fsynced on success, and removed on error (a kill -9 may leave one `.tmp*`, which a resumed build deletes)."""
+    fsynced on success, and removed on error (a kill -9 may leave one `.tmp*`, which a resumed build deletes).
+    fsync=False (test fixtures) skips both fsyncs: atomic against a killed process, not against a power loss."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if fsync:
+        fsync_dir(path.parent)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -18,6 +18,7 @@ read again record by record in Python (JSONL: line by line, since pyarrow fails 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import re
@@ -192,9 +193,7 @@ def _chunks(path: Path, kind: str, chunk_bytes: int) -> list[tuple[int, int]]:
         sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
     elif kind == "arrow":
         sizes = [b.nbytes for b in _arrow_batches(path)]
-    elif kind == "json":
-        return _json_ranges(path, chunk_bytes)
-    else:  # CSV: one task per file
+    else:  # CSV: one task per file (JSON arrays: plan_tasks cuts them with _json_ranges)
         return [(0, 1)]
     return _group(sizes, chunk_bytes)
 
@@ -213,13 +212,11 @@ def _group(sizes: list[int], chunk_bytes: int) -> list[tuple[int, int]]:
 
 
 def peek_schema(path: Path, kind: str) -> pa.Schema | None:
-    """The schema of a file's first records (JSON: the union of the first records' fields), read without parsing
-    the whole file; None for a file without records (empty, blank lines only, an empty array)."""
+    """The schema of a file's first records (JSONL: the union of the first records' fields), read without parsing
+    the whole file; None for a file without records (empty, blank lines only). JSON arrays: `_peek_json`."""
     try:
         if kind == "jsonl":
             return _peek_jsonl(path)
-        if kind == "json":
-            return _peek_json(path, _json_ranges(path, _PEEK_BYTES)[0])
         if kind == "parquet":
             return pq.read_schema(path)
         if kind == "arrow":
@@ -386,7 +383,8 @@ def _read_parts(task: ReadTask):
             from packprep._jsonscan import scan_json_array
 
             records = _json_range(path, task.start, task.stop)
-            first = _LazyIndex(lambda: scan_json_array(path, 1 << 62, count_before=task.start)[3])
+            # the index of the range's first element: computed only if a reject needs it
+            first = functools.cache(lambda: scan_json_array(path, 1 << 62, stop_at=task.start)[3])
             yield records, lambda i: ("element", first() + i, _raw(records[i]))
         elif task.kind in ("parquet", "arrow"):
             if task.kind == "parquet":
@@ -505,18 +503,6 @@ def _peek_json(path: Path, first: tuple[int, int]) -> pa.Schema | None:
     """The union schema of the first records of a JSON array file (parses only its first range)."""
     records = [r for r in _json_range(path, *first)[:_PEEK_LINES] if isinstance(r, dict)]
     return _union([pa.Table.from_pylist([r]).schema for r in records]) if records else None
-
-
-class _LazyIndex:
-    """A value computed on first use (the element index a JSON range starts at: only rejects need it)."""
-
-    def __init__(self, fn):
-        self.fn, self.value = fn, None
-
-    def __call__(self) -> int:
-        if self.value is None:
-            self.value = self.fn()
-        return self.value
 
 
 def _parse_jsonl(buf: bytes) -> pa.Table:

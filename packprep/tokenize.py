@@ -127,19 +127,10 @@ class Tokenizer:
         eos, nothing = [self.eos_id], []
 
         def pieces():  # [5, 6], [7], EOS, [], [], (nothing), ...
-            if len(parts) == 1:
-                for e in parts[0]:
-                    ids = e.ids
-                    yield ids
-                    yield eos if ids else nothing
-            else:
-                for doc in zip(*parts):
-                    got = False
-                    for e in doc:
-                        ids = e.ids
-                        got = got or bool(ids)
-                        yield ids
-                    yield eos if got else nothing
+            for doc, has_eos in zip(zip(*parts), part_lens[:, -1].tolist()):
+                for e in doc:
+                    yield e.ids
+                yield eos if has_eos else nothing
 
         lengths = total + part_lens[:, -1]
         flat = np.fromiter(chain.from_iterable(pieces()), np.int32, int(lengths.sum()))
