@@ -15,7 +15,7 @@ from packprep.build import build
 from packprep.cli import app
 from packprep.config import BuildConfig, merge
 from packprep.shards import shard_files
-from packprep.tokenize import BUILTIN, Tokenizer
+from packprep.tokenizer import BUILTIN, Tokenizer
 from packprep.verify import verify
 
 TOK = Tokenizer(BUILTIN)
