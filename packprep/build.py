@@ -39,6 +39,7 @@ import numpy as np
 import packprep
 from packprep.config import BuildConfig
 from packprep.executor import Executor, make_executor
+from packprep.inputs import TASK_PLAN_VERSION, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.report import Progress
 from packprep.shards import (
     FORMAT_VERSION,
@@ -50,7 +51,6 @@ from packprep.shards import (
     write_json_atomic,
     write_shard,
 )
-from packprep.sources import TASK_PLAN_VERSION, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.tokenize import (
     TokenizeContext,
     Tokenizer,

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from packprep.inputs import ReadTask
+from packprep.readers import read_task
+from packprep.records import Docs, Reject
 from packprep.shards import atomic_file, write_json_atomic
-from packprep.sources import Docs, ReadTask, Reject, read_task
 
 BUILTIN = Path(__file__).parent / "assets" / "tokenizer"
 GEN_OPEN, GEN_CLOSE = "\ue000", "\ue001"  # private-use code points bracketing {% generation %} output
