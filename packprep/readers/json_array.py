@@ -6,8 +6,9 @@
 (~1 GB/s), which tracks strings (with escapes) and bracket depth; every top-level comma at least `chunk_bytes`
 after the previous cut becomes a cut. The ranges (array_start + 1 .. cut0), (cut0 + 1 .. cut1), ...,
 (cutN + 1 .. end) each hold whole elements separated by commas, so `json.loads("[" + range + "]")` parses one:
-a task costs one `json.loads` of its range (Python objects, ~50-100 MB/s). The scan does not validate JSON (a
-task's parse does, with the file's line and column); it only needs brackets and strings to be balanced.
+a task costs one `json.loads` of its range into Python objects (slower than pyarrow's JSONL path). The scan does
+not validate JSON (a task's parse does, with the file's line and column); it only needs balanced brackets and
+strings.
 """
 
 from __future__ import annotations
