@@ -3,7 +3,7 @@
     plan (inputs -> read tasks) -> tokenize (tasks -> spool) -> layout (lengths -> long-doc policy -> pack -> row
     order) -> write (spool -> shards) -> manifest (packprep.json, last)
 
-Each stage lives in its own module and owns its files: `sources` (inputs and read tasks), `tokenizer` (the tokenize
+Each stage lives in its own module and owns its files: `inputs` + `readers` + `records` (inputs, read tasks, record formats), `tokenizer` (the tokenize
 task), `spool`, `layout`, `write` + `shards`, and `workdir` (the lock, the build identity, resume). Tasks run on an
 executor (`packprep.executor`, or Ray) and their results are ordered by task index here, so the bytes do not depend
 on --workers. A build killed anywhere is finished by rerunning the same command (see `workdir`).
@@ -24,9 +24,9 @@ import packprep
 from packprep import layout, spool, workdir
 from packprep.config import BuildConfig
 from packprep.executor import Executor, make_executor
+from packprep.inputs import DEFAULT_CORPUS, TASK_PLAN_VERSION, fingerprint, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.report import Progress
 from packprep.shards import FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
-from packprep.sources import TASK_PLAN_VERSION, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.tokenizer import (
     TokenizeContext,
     Tokenizer,
@@ -39,7 +39,6 @@ from packprep.tokenizer import (
 from packprep.workdir import kill_hook
 from packprep.write import WriteContext, dataset_fingerprint, shard_done, write_rejects, write_shard_task
 
-DEFAULT_CORPUS = "python-stdlib"
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     out, t0, timings = Path(config.out), time.perf_counter(), {}
     inputs = list(config.inputs) or [DEFAULT_CORPUS]
     files = resolve_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
-    fingerprints = [workdir.input_fingerprint(s, None if s == DEFAULT_CORPUS else resolve_inputs([s])) for s in inputs]
+    fingerprints = [fingerprint(s) for s in inputs]
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
     previous = workdir.check_out(out, config, ident)
     if previous is not None:

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from packprep import spool
-from packprep.sources import Docs, ReadTask, Reject, read_task
+from packprep.inputs import ReadTask
+from packprep.readers import read_task
+from packprep.records import Docs, Reject
 
 BUILTIN = Path(__file__).parent / "assets" / "tokenizer"
 GEN_OPEN, GEN_CLOSE = "\ue000", "\ue001"  # private-use code points bracketing {% generation %} output

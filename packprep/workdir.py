@@ -44,16 +44,6 @@ def path(out: Path) -> Path:
     return out / WORK
 
 
-def input_fingerprint(spec: str, files: list | None) -> dict:
-    """What identifies an input for 'is this the same build?': path, size and mtime of every file it names
-    (`files`: [(path, kind)]); None: the embedded default corpus, identified by this Python's version."""
-    if files is None:
-        import sysconfig
-
-        return {"input": spec, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
-    return {"input": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in files]}
-
-
 def identity(config: BuildConfig, fingerprints: list[dict], task_plan: int, tokenizer: str | None) -> dict:
     """What a build's output depends on, as JSON: settings that change bytes, the task split, input fingerprints and
     the tokenizer's content (a tokenizer retrained in place at the same path is a different build)."""

@@ -13,11 +13,13 @@ import pytest
 from build_fixtures import read_docs, texts
 from typer.testing import CliRunner
 
-from packprep import sources
 from packprep.build import build
 from packprep.cli import app
 from packprep.config import BuildConfig
-from packprep.sources import RecordError, plan_tasks, read_task, resolve_inputs
+from packprep.inputs import plan_tasks, resolve_inputs
+from packprep.readers import jsonl as jsonl_reader
+from packprep.readers import read_task
+from packprep.records import RecordError
 from packprep.verify import verify
 
 
@@ -109,8 +111,8 @@ def test_fallback_only_for_the_chunk_that_failed(tmp_path, monkeypatch):
     tasks = plan_tasks(resolve_inputs([src]), chunk_bytes=2000)
     assert len(tasks) > 4
     calls = []
-    real = sources._json_line
-    monkeypatch.setattr(sources, "_json_line", lambda raw: calls.append(raw) or real(raw))
+    real = jsonl_reader.json_line
+    monkeypatch.setattr(jsonl_reader, "json_line", lambda raw: calls.append(raw) or real(raw))
     out, rej = [], []
     for t in tasks:
         out += [d for b in read_task(t, rejects=rej) for d in b.texts]

@@ -73,7 +73,7 @@ def test_prompt_completion_mask_covers_completion_and_eos(corpora, tmp_path):
 
 def test_encode_empty_parts_against_reference():
     """Empty prompts, completions and texts: no EOS on an empty document, EOS (with loss) on any other."""
-    from packprep.sources import Docs
+    from packprep.records import Docs
 
     tok = Tokenizer(BUILTIN)
     prompts = ["a b", "", "", "hello there", "x"]
@@ -114,7 +114,7 @@ def test_chat_mask_without_generation_markers(tmp_path):
     tok = Tokenizer(BUILTIN)
     tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     msgs = [{"role": "user", "content": "alpha beta"}, {"role": "assistant", "content": "gamma delta"}]
-    from packprep.sources import Docs
+    from packprep.records import Docs
 
     ids, mask, lengths = tok.encode(Docs(chats=[msgs]))
     text = TOK.rust.decode([t for t, m in zip(ids.tolist(), mask.tolist()) if m], skip_special_tokens=False)
