@@ -3,10 +3,11 @@
     plan (inputs -> read tasks) -> tokenize (tasks -> spool) -> layout (lengths -> long-doc policy -> pack -> row
     order) -> write (spool -> shards) -> manifest (packprep.json, last)
 
-Each stage lives in its own module and owns its files: `inputs` + `readers` + `records` (inputs, read tasks, record formats), `tokenizer` (the tokenize
-task), `spool`, `layout`, `write` + `shards`, and `workdir` (the lock, the build identity, resume). Tasks run on an
-executor (`packprep.executor`, or Ray) and their results are ordered by task index here, so the bytes do not depend
-on --workers. A build killed anywhere is finished by rerunning the same command (see `workdir`).
+Each stage lives in its own module and owns its files: `inputs` + `readers` + `records` (inputs, read tasks,
+record formats), `tokenizer` (the tokenize task), `spool`, `layout`, `write` + `shards`, and `workdir` (the lock,
+the build identity, resume). Tasks run on an executor (`packprep.executor`, or Ray) and their results are ordered
+by task index here, so the bytes do not depend on --workers. A build killed anywhere is finished by rerunning the
+same command (see `workdir`).
 
 Cost: tokenizer-bound (the tokenize stage is nearly all of the time; benchmarks/RESULTS.md). The driver holds the
 int32 length array (4 bytes per document) and the plan (~40 bytes per piece); workers hold one task at a time.
@@ -38,7 +39,6 @@ from packprep.tokenizer import (
 )
 from packprep.workdir import kill_hook
 from packprep.write import WriteContext, dataset_fingerprint, shard_done, write_rejects, write_shard_task
-
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 from packprep.config import BuildConfig
