@@ -138,8 +138,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
             bar.advance(1, rows=info["rows"], tokens=info["tokens"])
             kill_hook(f"write:{n}")
     counts["loss_tokens"] = sum(s["loss_tokens"] for s in shards)
-    fingerprint = dataset_fingerprint(shards)
-    write_hf_metadata(out, [s["file"] for s in shards], fingerprint, description="packprep build")
+    data_fingerprint = dataset_fingerprint(shards)
+    write_hf_metadata(out, [s["file"] for s in shards], data_fingerprint, description="packprep build")
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     counts["rejected_reasons"] = write_rejects(out, spool_dir, results)
@@ -160,7 +160,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         "counts": counts,
         "packing": stats,
         "shards": shards,
-        "fingerprint": fingerprint,
+        "fingerprint": data_fingerprint,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "resumed": reused if resumed else None,  # finished work an earlier, interrupted run left and this one reused
     }
