@@ -6,16 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from build_fixtures import texts, write_corpora
+from build_fixtures import texts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from packprep.sources import plan_tasks, read_task, resolve_inputs
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-    return write_corpora(tmp_path_factory.mktemp("src"), n=50)
 
 
 def docs_of(tasks):
@@ -32,7 +27,7 @@ def test_chunking_does_not_change_documents(corpora, fmt):
     whole = plan_tasks(files, chunk_bytes=1 << 30)
     small = plan_tasks(files, chunk_bytes=300)
     assert len(small) >= len(whole)
-    assert docs_of(whole) == docs_of(small) and len(docs_of(whole)) == 50
+    assert docs_of(whole) == docs_of(small) and len(docs_of(whole)) == 40
     if fmt in ("text", "chat", "sharegpt", "hf", "prompt-completion"):  # prompt-completion: a JSON array
         assert len(small) > 1
 
@@ -71,7 +66,7 @@ def test_format_detection_and_missing_fields(corpora):
 def test_empty_file_among_good_ones(corpora, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     files = resolve_inputs([tmp_path / "empty.jsonl", corpora["text"]])
-    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 50
+    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 40
 
 
 def test_last_chunks_are_split_finer(tmp_path):
