@@ -128,7 +128,7 @@ def config_command(target: typer.Typer, cls, action, *, name: str, help: str, ex
         if isinstance(flags.get("inputs"), list):
             flags["inputs"] = tuple(flags["inputs"])
         rest = {k: v for k, v in values.items() if k not in names}
-        action(merge(rest.pop("config", None), cls, **flags), **rest)
+        action(merge(rest.pop("config", None), cls, name, **flags), **rest)
 
     params.insert(0, inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
     command.__signature__ = inspect.Signature(params)
@@ -254,14 +254,14 @@ def train_command():
     help = "Train a causal LM on packed shards with per-document (varlen) attention; run under torchrun for DDP."
     try:
         from trainer.train import TrainConfig
-    except ImportError as e:
-        missing = e.name or "torch"
+    except ImportError as e:  # torch or transformers missing (a build-only install)
+        reason = str(e)
 
         @sub.command("train", help=help, context_settings={"ignore_unknown_options": True,
                                                           "allow_extra_args": True})
         @user_errors
         def train_unavailable() -> None:
-            raise ImportError(f'packprep train needs {missing}: pip install "packprep[train]"')
+            raise ImportError(f'packprep train cannot start ({reason}): pip install "packprep[train]"')
     else:
         config_command(sub, TrainConfig, _train, name="train", positional="shards", extra=(_config_option("train"),),
                        help=help)

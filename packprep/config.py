@@ -254,8 +254,8 @@ def load_config_file(path: str | Path, cls=BuildConfig, section: str = "build") 
     return data
 
 
-def merge(config_file: str | Path | None = None, cls=BuildConfig, **flags):
+def merge(config_file: str | Path | None = None, cls=BuildConfig, section: str = "build", **flags):
     """`cls` (BuildConfig) from a config file overridden by the flags that were given (None means 'not given')."""
-    values = load_config_file(config_file, cls) if config_file else {}
+    values = load_config_file(config_file, cls, section) if config_file else {}
     values.update({k: v for k, v in flags.items() if v is not None and v != ()})
     return cls(**values)
