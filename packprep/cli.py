@@ -5,12 +5,18 @@ User errors (ValueError, FileNotFoundError, ImportError) reach the user as one r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import types
+import typing
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
+
+from packprep.config import STRATEGIES, BuildConfig, merge
 
 
 class _Commands(TyperGroup):
@@ -75,10 +81,6 @@ def config_options(cls, positional: str | None = None, short: dict[str, str] | N
     `--warmup-steps`, a bool -> `--x/--no-x`), with the field's default and help; a closed set (Literal) shows its
     choices and is checked by the dataclass (one red line, not a usage box). `positional` names the field taken
     as the command's argument (a tuple field takes any number)."""
-    import dataclasses
-    import inspect
-    import typing
-
     short = short or {}
     hints = typing.get_type_hints(cls)
     params = []
@@ -105,9 +107,6 @@ def config_options(cls, positional: str | None = None, short: dict[str, str] | N
 
 
 def _is_optional(hint) -> bool:
-    import types
-    import typing
-
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
@@ -115,10 +114,6 @@ def config_command(target: typer.Typer, cls, action, *, name: str, help: str, ex
     """Register command `name` on `target`: its options are `config_options(cls, **kw)` plus `extra` parameters;
     it builds `cls` from the given flags (over `--config FILE` when `extra` has `config`) and calls
     `action(cfg, **extra_values)` (user errors: one red line, exit 1)."""
-    import inspect
-
-    from packprep.config import merge
-
     params = [*config_options(cls, **kw), *extra]
     names = {p.name for p in params[: len(params) - len(extra)]}
 
@@ -141,8 +136,6 @@ def config_command(target: typer.Typer, cls, action, *, name: str, help: str, ex
 
 
 def _config_option(section: str):
-    import inspect
-
     return inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
         None, "--config", help=f"TOML or YAML file of the same keys (at the top or in a '{section}' table); flags win"))
 
@@ -162,20 +155,11 @@ def _build(cfg, quiet: bool = False) -> None:
                   f"packprep train {result.out} --model tiny", highlight=False)
 
 
-def _register_build() -> None:
-    import inspect
-
-    from packprep.config import BuildConfig
-
-    quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, "--quiet", "-q", help="No progress output, only the summary."))
-    config_command(app, BuildConfig, _build, name="build", positional="inputs", short={"out": "-o"},
-                   extra=(_config_option("build"), quiet),
-                   help="Tokenize, pack and shard a corpus (no INPUTS: the embedded default corpus, offline, in "
-                        "seconds).")
-
-
-_register_build()
+_QUIET = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, "--quiet", "-q", help="No progress output, only the summary."))
+config_command(app, BuildConfig, _build, name="build", positional="inputs", short={"out": "-o"},
+               extra=(_config_option("build"), _QUIET),
+               help="Tokenize, pack and shard a corpus (no INPUTS: the embedded default corpus, offline, in seconds).")
 
 
 @app.command()
@@ -221,7 +205,7 @@ def verify(out: str = typer.Argument("packprep_out", help="A packprep output fol
 def simulate(
     lengths: str = typer.Argument(..., help="Lengths file: .npy, text (one integer a line), Parquet/Arrow."),
     seq_len: int = typer.Option(..., "--seq-len", help="Tokens per packed row."),
-    strategy: str = typer.Option("all", help="ffd | bfd | b2f | greedy | random | none | all (compare them)."),
+    strategy: str = typer.Option("all", help=" | ".join((*STRATEGIES, "all (compare them)."))),
     column: str = typer.Option(None, help="Parquet/Arrow column with the lengths (or token lists)."),
     seed: int = typer.Option(0, help="Seed of the random strategy."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
