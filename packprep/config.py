@@ -24,6 +24,7 @@ LongDocs = Literal["truncate", "split", "drop"]
 RecordFormat = Literal["auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca"]
 OnError = Literal["raise", "skip"]
 Executor = Literal["local", "ray"]
+INT32_MAX = 2**31 - 1
 DEFAULT_OUT = "packprep_out"
 DEFAULT_TOKENIZER = "builtin"  # packprep/assets/tokenizer: the byte-level BPE the project trains itself
 # Field flags and the record formats they apply to; flags of two families cannot be combined.
@@ -95,6 +96,8 @@ class BuildConfig:
         if self.shard_rows is not None:
             _at_least("shard_rows", self.shard_rows, 1)
         _at_least("seed", self.seed, 0)
+        if self.seq_len > INT32_MAX:  # token offsets in a row are int32 (shards, spool, the packing kernels)
+            raise ValueError(f"seq_len must be at most {INT32_MAX:,} (2**31 - 1), got {self.seq_len:,} (--seq-len)")
         if not self.out:
             raise ValueError("out must name a folder")
         if not self.tokenizer:

@@ -75,8 +75,9 @@ def test_library_refuses_wrong_types():
     (["--format", "text", "--prompt-field", "q"], "--prompt-field does not apply to --format text"),
     (["--format", "chat", "--text-field", "body"], "--text-field does not apply to --format chat"),
     (["--format", "alpaca", "--messages-field", "m"], "--messages-field does not apply to --format alpaca"),
+    (["--seq-len", 2**31], "seq_len must be at most 2,147,483,647 (2**31 - 1), got 2,147,483,648"),
 ])
-def test_conflicting_or_inapplicable_field_flags_are_refused(text_jsonl, tmp_path, cli_error, args, message):
+def test_refused_flags(text_jsonl, tmp_path, cli_error, args, message):
     error = cli_error("build", text_jsonl, "--out", tmp_path / "o", *args)
     assert message in error, error
     assert not (tmp_path / "o").exists()
