@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import types
 import typing
+from inspect import Parameter, Signature
 
 import typer
 from rich.console import Console
@@ -102,7 +102,7 @@ def config_options(cls, positional: str | None = None, short: dict[str, str] | N
             flag = "--" + f.name.replace("_", "-")
             names = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag, *filter(None, [short.get(f.name)])]
             info = typer.Option(default, *names, help=help, show_default=default is not None, metavar=metavar)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
+        params.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=info, annotation=kind))
     return params
 
 
@@ -125,8 +125,8 @@ def config_command(target: typer.Typer, cls, action, *, name: str, help: str, ex
         rest = {k: v for k, v in values.items() if k not in names}
         action(merge(rest.pop("config", None), cls, name, **flags), **rest)
 
-    params.insert(0, inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
-    command.__signature__ = inspect.Signature(params)
+    params.insert(0, Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
+    command.__signature__ = Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = help
     target.command(name)(user_errors(command))
@@ -136,7 +136,7 @@ def config_command(target: typer.Typer, cls, action, *, name: str, help: str, ex
 
 
 def _config_option(section: str):
-    return inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+    return Parameter("config", Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
         None, "--config", help=f"TOML or YAML file of the same keys (at the top or in a '{section}' table); flags win"))
 
 
@@ -155,7 +155,7 @@ def _build(cfg, quiet: bool = False) -> None:
                   f"packprep train {result.out} --model tiny", highlight=False)
 
 
-_QUIET = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+_QUIET = Parameter("quiet", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
     False, "--quiet", "-q", help="No progress output, only the summary."))
 config_command(app, BuildConfig, _build, name="build", positional="inputs", short={"out": "-o"},
                extra=(_config_option("build"), _QUIET),
