@@ -6,15 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from build_fixtures import texts, write_corpora
+from build_fixtures import texts
 
 from packprep.inputs import DEFAULT_CORPUS, fingerprint, plan_tasks, resolve_inputs
 from packprep.readers import read_task
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-    return write_corpora(tmp_path_factory.mktemp("src"), n=50)
 
 
 def docs_of(tasks):
@@ -50,7 +45,7 @@ def test_format_detection_and_missing_fields(corpora):
 def test_empty_file_among_good_ones(corpora, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     files = resolve_inputs([tmp_path / "empty.jsonl", corpora["text"]])
-    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 50
+    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 40
 
 
 def test_last_chunks_are_split_finer(tmp_path):

@@ -155,12 +155,6 @@ def test_b2f_without_repair_is_ffd(inputs):
     assert np.array_equal(row_offsets, ffd.row_offsets) and np.array_equal(doc, ffd.doc)
 
 
-def test_build_config_accepts_exactly_the_engines_strategies():
-    from packprep import config
-
-    assert config.STRATEGIES == STRATEGIES
-
-
 def test_huge_seq_len_uses_argsort_same_plan():
     lengths = [5, 900_000, 5, 300_000, 700_000, 1]
     for strategy in ("ffd", "bfd", "greedy", "b2f"):
