@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizer_zoo
+from tokenizer_zoo import FAMILIES, zoo_tokenizer
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from packprep.tiktoken_backend import TiktokenBackend, unsupported_reason
 
+zoo_root = tokenizer_zoo.zoo_root  # the session's zoo folder (a fixture)
 BUILTIN = Path(__file__).resolve().parent.parent / "packprep" / "assets" / "tokenizer"
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -140,3 +143,24 @@ def test_refuses_what_it_cannot_represent(trained):
         assert why is not None and want.split()[0].lower() in why.lower(), (want, why)
         with pytest.raises(ValueError, match="tiktoken cannot represent"):
             TiktokenBackend(case)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zoo_families(zoo_root, family):
+    """Byte-level families are represented (BOS from the post-processor included) and give HF's ids on rendered
+    chats; SentencePiece families are refused."""
+    from transformers import AutoTokenizer
+
+    folder = zoo_tokenizer(zoo_root, family, "llama3")
+    why = unsupported_reason(folder)
+    if family.startswith("spm_"):
+        assert why is not None and ("byte_fallback" in why or "Unigram" in why), why
+        return
+    assert why is None, why
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    chats = [tok.apply_chat_template([{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}],
+                                     tokenize=False) for t in mixed_texts(60, seed=5)]
+    fast, hf = TiktokenBackend(folder), tok.backend_tokenizer
+    for special in (False, True):
+        assert fast.encode_batch(chats, add_special_tokens=special) == hf_ids(hf, chats, special)
+    assert tok(chats[:3]).input_ids == fast.encode_batch(chats[:3], add_special_tokens=True)
