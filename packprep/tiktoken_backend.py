@@ -156,8 +156,9 @@ class Mismatch:
 class _AddedTokens:
     """One pass of `tokenizers`' added-token search: leftmost-longest over literal strings, then the token's flags."""
 
-    def __init__(self, tokens: list[dict]):
+    def __init__(self, tokens: list[dict], skip_special: bool = False):
         self.by_content = {t["content"]: t for t in tokens}
+        self.skip_special = skip_special
         contents = sorted(self.by_content, key=len, reverse=True)  # longest first == leftmost-longest
         self.search = regex.compile("|".join(map(regex.escape, contents))) if contents else None
 
@@ -168,6 +169,8 @@ class _AddedTokens:
         for m in self.search.finditer(text):
             start, stop = m.span()
             token = self.by_content[m.group()]
+            if self.skip_special and token.get("special"):  # HF's encode_special_tokens: left to the model
+                continue
             if token.get("single_word") and (
                     (start > 0 and _ENDS_WITH_WORD.search(text, 0, start))
                     or (stop < len(text) and _STARTS_WITH_WORD.match(text, stop))):
@@ -190,15 +193,17 @@ class TiktokenBackend:
 
     `encode_batch(texts)` == `tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False)` ids;
     `add_special_tokens=True` adds what a `TemplateProcessing` post-processor's single template adds (e.g. BOS).
+    `encode_special_tokens=True` encodes special-token strings found in the text as plain text, as HF's
+    `Tokenizer.encode_special_tokens = True` (transformers' `split_special_tokens=True`) does.
     """
 
-    def __init__(self, tokenizer, name: str = "hf"):
+    def __init__(self, tokenizer, name: str = "hf", encode_special_tokens: bool = False):
         import tiktoken
 
         spec = _load_spec(tokenizer)
         if why := unsupported_reason(spec):
             raise ValueError(f"tiktoken cannot represent this tokenizer: {why}")
-        self._spec, self.name = spec, name
+        self._spec, self.name, self.encode_special_tokens = spec, name, encode_special_tokens
         model = spec["model"]
         symbols = _byte_decoder()
         reached = {a + b for a, b in map(_pair, model["merges"])} | set(symbols)
@@ -210,17 +215,17 @@ class TiktokenBackend:
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
         self._nfc = bool(_normalizes_nfc(spec.get("normalizer")))
         added = [t for t in spec.get("added_tokens", []) if t["content"]]
-        self._raw_pass = _AddedTokens([t for t in added if not t.get("normalized")])
+        self._raw_pass = _AddedTokens([t for t in added if not t.get("normalized")], encode_special_tokens)
         normalized = [dict(t, content=self._normalize(t["content"])) for t in added if t.get("normalized")]
-        self._normalized_pass = _AddedTokens(normalized)
+        self._normalized_pass = _AddedTokens(normalized, encode_special_tokens)
         self._template = _single_template(spec.get("post_processor"))
         self._hf = None
 
     def __getstate__(self) -> dict:
-        return {"spec": self._spec, "name": self.name}
+        return {"spec": self._spec, "name": self.name, "encode_special_tokens": self.encode_special_tokens}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["spec"], state["name"])
+        self.__init__(state["spec"], state["name"], state["encode_special_tokens"])
 
     def _normalize(self, text: str) -> str:
         return unicodedata.normalize("NFC", text) if self._nfc else text
@@ -278,6 +283,7 @@ class TiktokenBackend:
             from tokenizers import Tokenizer
 
             self._hf = Tokenizer.from_str(json.dumps(self._spec))
+            self._hf.encode_special_tokens = self.encode_special_tokens
         ref = [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         for i, (a, b) in enumerate(zip(ref, self.encode_batch(texts, add_special_tokens))):
             if a != b:

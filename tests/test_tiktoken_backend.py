@@ -89,6 +89,19 @@ def test_trained_bpe_with_added_tokens_equals_hf(trained):
     assert hf_ids(trained, ["x<mask>y"]) != hf_ids(trained, ["x <mask> y"])  # single_word declined one
 
 
+def test_special_tokens_as_text(trained):
+    """encode_special_tokens=True (transformers' split_special_tokens): special strings in the text are plain text,
+    non-special added tokens still split, as in HF."""
+    hf = Tokenizer.from_str(trained.to_str())
+    hf.encode_special_tokens = True
+    fast = TiktokenBackend(trained, encode_special_tokens=True)
+    texts = mixed_texts(200, seed=6)
+    assert fast.encode_batch(texts) == hf_ids(hf, texts)
+    assert fast.check_sample(texts) is None
+    assert hf_ids(hf, ["<|im_end|>"]) != hf_ids(trained, ["<|im_end|>"])  # the switch changes something
+    assert pickle.loads(pickle.dumps(fast)).encode("a<|im_end|>") == fast.encode("a<|im_end|>")
+
+
 def test_post_processor_bos(trained):
     bos = trained.token_to_id("<|begin_of_text|>")
     trained = Tokenizer.from_str(trained.to_str())
