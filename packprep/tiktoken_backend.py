@@ -114,7 +114,7 @@ def unsupported_reason(tokenizer) -> str | None:
     vocab = model.get("vocab", {})
     if missing := [s for s in symbols if s not in vocab]:
         return f"{len(missing)} of the 256 byte-level symbols are not in the vocabulary (not a byte-level BPE)"
-    if any(c not in symbols for token in vocab for c in token):
+    if not set("".join(vocab)) <= symbols.keys():
         return "vocabulary tokens outside the byte-level alphabet"
     previous = -1
     for a, b in map(_pair, model.get("merges", [])):
@@ -210,7 +210,8 @@ class TiktokenBackend:
         # A token no merge makes is never produced by HF's BPE (unless ignore_merges looks whole words up): keep it
         # out of tiktoken's ranks, or tiktoken's whole-piece lookup would produce it.
         keep = (lambda t: True) if model.get("ignore_merges") else reached.__contains__
-        ranks = {bytes(symbols[c] for c in token): i for token, i in model["vocab"].items() if keep(token)}
+        to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # symbol -> the byte, as a latin-1 char
+        ranks = {token.translate(to_latin1).encode("latin-1"): i for token, i in model["vocab"].items() if keep(token)}
         pattern, _ = _pattern(spec["pre_tokenizer"])
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
         self._nfc = bool(_normalizes_nfc(spec.get("normalizer")))
@@ -253,13 +254,15 @@ class TiktokenBackend:
                              f"post-processor, not {json.dumps(self._spec.get('post_processor'))[:80]}")
         encode = self.encoding.encode_ordinary
         plain, needs_split = [], []
-        for i, text in enumerate(texts):
-            if self._raw_pass.search and self._raw_pass.search.search(text) or (
-                    self._normalized_pass.search and self._normalized_pass.search.search(self._normalize(text))):
-                needs_split.append(i)
-                plain.append("")
-            else:
-                plain.append(self._normalize(text))
+        raw, normalized = self._raw_pass.search, self._normalized_pass.search
+        for i, text in enumerate(texts):  # texts holding an added token are cut first, the rest encoded as they are
+            if not (raw and raw.search(text)):
+                text = self._normalize(text)
+                if not (normalized and normalized.search(text)):
+                    plain.append(text)
+                    continue
+            needs_split.append(i)
+            plain.append("")
         if num_threads > 1:
             out = self.encoding.encode_ordinary_batch(plain, num_threads=num_threads)
         else:

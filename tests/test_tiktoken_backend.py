@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import pickle
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tokenizer_zoo
-from tokenizer_zoo import FAMILIES, zoo_tokenizer
+from tokenizer_zoo import BUILTIN, FAMILIES, LLAMA3_PATTERN, training_texts, zoo_tokenizer
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from packprep.tiktoken_backend import TiktokenBackend, unsupported_reason
 
 zoo_root = tokenizer_zoo.zoo_root  # the session's zoo folder (a fixture)
-BUILTIN = Path(__file__).resolve().parent.parent / "packprep" / "assets" / "tokenizer"
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 PIECES = ["héllo wörld", "naïve café", "日本語のテキスト", "🤗🚀 emoji", "Ελληνικά", "кириллица", "a\u0301e\u0301",
           "   ", "\t\t", "\n\n\n", " \n \n", "12345678901", "3.14159", "x=1;y=22", "don't", "I'LL", "snake_case",
@@ -27,13 +22,7 @@ PIECES = ["héllo wörld", "naïve café", "日本語のテキスト", "🤗🚀
 
 
 def real_texts(n: int = 300) -> list[str]:
-    """Real text without a network: blocks of this Python's standard library sources."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for name in ("json/decoder.py", "textwrap.py", "csv.py", "string.py", "difflib.py", "argparse.py"):
-        src = (root / name).read_text(encoding="utf-8")
-        out += [b for b in src.split("\n\n") if b.strip()]
-    return out[:n]
+    return training_texts()[:n]
 
 
 def mixed_texts(n: int = 300, seed: int = 0) -> list[str]:
