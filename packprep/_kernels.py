@@ -270,11 +270,14 @@ def _balanced_pair(flag_tree, num_leaves, pool_left, target):
 
 
 @numba.njit(cache=True)
-def _take(length, slot, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted):
-    """Take the next unpacked document of `length` (its pool's lowest sorted position) into plan slot `slot`."""
-    slot_of_sorted[pool_start[length] + taken[length]] = slot
-    taken[length] += 1
-    pool_left[length] -= 1
+def _take(length, count, slot, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted):
+    """Take the next `count` unpacked documents of `length` (their pool's lowest sorted positions) into plan slots
+    slot, slot + 1, ..."""
+    first = pool_start[length] + taken[length]
+    for t in range(count):
+        slot_of_sorted[first + t] = slot + t
+    taken[length] += count
+    pool_left[length] -= count
     if pool_left[length] == 0:
         _clear_flag(flag_tree, num_leaves, length)
 
@@ -284,13 +287,14 @@ def fill_rows(run_need, run_size, seq_len, repair_tries, slot_of_sorted, row_off
     """First-fit-decreasing filled row by row; with repair_tries > 0, best-two-fit repair (Friesen & Langston's B2F).
 
     Filling each row with the largest unpacked document that fits, until none fits, gives exactly FFD's rows (and
-    FFD's order inside a row). When a row keeps free space, its last `repair_tries` documents (smallest first) are
-    tried in turn: put the document back and take the most balanced pair of unpacked documents that fills the row
-    exactly (the larger takes the document's place, the smaller goes last). Exact fits cost one document each,
-    which FFD leaves to later rows. Unpacked documents sit in per-length pools of sorted positions (lowest first;
-    a document put back is the next one taken); a flag tree over lengths finds the largest that fits in
-    O(log seq_len). Writes slot_of_sorted (int32[N]: the plan slot of the k-th sorted document) and row_offsets
-    (int[>= rows + 1]); returns the number of rows. O(N log seq_len) time, O(seq_len) memory of its own.
+    FFD's order inside a row); the largest length that fits is taken as many times as it fits in one step. When
+    a row keeps free space, its last `repair_tries` documents (smallest first) are tried in turn: put the document
+    back and take the most balanced pair of unpacked documents that fills the row exactly (the larger takes the
+    document's place, the smaller goes last). Exact fits cost one document each, which FFD leaves to later rows.
+    Unpacked documents sit in per-length pools of sorted positions (lowest first; a document put back is the next
+    one taken); a flag tree over lengths finds the largest that fits in O(log seq_len). Writes slot_of_sorted
+    (int32[N]: the plan slot of the k-th sorted document) and row_offsets (int[>= rows + 1]); returns the number
+    of rows. O(N log seq_len) time, O(seq_len) memory of its own.
     """
     num_docs = slot_of_sorted.size
     pool_start = np.zeros(seq_len + 1, np.int64)  # pool of length L: sorted positions pool_start[L] + taken[L]...
@@ -311,14 +315,18 @@ def fill_rows(run_need, run_size, seq_len, repair_tries, slot_of_sorted, row_off
             raise AssertionError("more rows than the first-fit bound")
         row_start = written
         free = seq_len
-        while free > 0:  # FFD: the largest document that still fits
-            length = _last_flag_at_or_before(flag_tree, num_leaves, free)
+        longest = _last_flag_at_or_before(flag_tree, num_leaves, num_leaves - 1)  # the longest pooled length
+        while free > 0:  # FFD: the largest document that still fits, as often as it fits
+            length = longest if free >= longest else _last_flag_at_or_before(flag_tree, num_leaves, free)
             if length <= 0:
                 break
-            _take(length, written, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
-            row_need[written - row_start] = length
-            written += 1
-            free -= length
+            count = min(free // length, pool_left[length])
+            _take(length, count, written, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
+            row_need[written - row_start : written - row_start + count] = length
+            written += count
+            free -= count * length
+            if length == longest and pool_left[length] == 0:
+                longest = _last_flag_at_or_before(flag_tree, num_leaves, length)
         for j in range(written - 1, max(row_start, written - repair_tries) - 1, -1):
             if free == 0 or written == num_docs:
                 break
@@ -336,8 +344,8 @@ def fill_rows(run_need, run_size, seq_len, repair_tries, slot_of_sorted, row_off
                 continue
             taken[put_back] -= 1  # its slot_of_sorted entry is rewritten when it is taken again
             large = put_back + free - small
-            _take(large, j, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
-            _take(small, written, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
+            _take(large, 1, j, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
+            _take(small, 1, written, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
             row_need[j - row_start] = large
             row_need[written - row_start] = small
             written += 1
