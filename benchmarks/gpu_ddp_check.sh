@@ -8,7 +8,7 @@ export PYTHONPATH=.:tests PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE
 nvidia-smi -L | tee "$OUT/ddp.txt"
 python3 -c "from trainer_fixtures import random_lengths, write_packed
 write_packed('/tmp/ddp_shards', random_lengths(3000, 1024, seed=0), 1024, vocab=4000)"
-train="-m packprep.cli train /tmp/ddp_shards --model tiny --batch-tokens 4096 --lr 1e-3 --warmup 2 --device cuda --no-bf16"
+train="-m packprep.cli train /tmp/ddp_shards --model tiny --batch-tokens 4096 --lr 1e-3 --warmup-steps 2 --device cuda --no-bf16"
 echo "== 2 ranks" | tee -a "$OUT/ddp.txt"
 torchrun --standalone --nproc_per_node=2 $train --steps 12 2>&1 | tee -a "$OUT/ddp.txt"
 echo "== 1 rank, grad_accum 2" | tee -a "$OUT/ddp.txt"

@@ -1,4 +1,4 @@
-"""Numba kernels of the packing engine: arrays in, arrays out, no validation (that is `packprep.pack`'s job).
+"""Numba kernels: arrays in, arrays out, no validation (that is `packprep.pack`'s and the readers' job).
 
 The plan is written into arrays the caller allocates (int32 wherever the values fit), and no pass holds an
 int64 per document or an argsort's index array. Every strategy but random and none starts from the sorted
@@ -13,6 +13,8 @@ so the peak is lengths + slots + doc (12 bytes/document) plus the row offsets. g
 sorted order (`greedy_rows`, `sorted_order`); random cuts a shuffled stream in place (`cut_stream`).
 Rows are numbered in the order they are opened; inside a row, pieces keep the order they were placed in.
 `tests/reference.py` holds the same algorithms in a few lines of plain Python with the same tie-breaking.
+`json_array_cuts` is the input side's one kernel: the byte scan that cuts a JSON array file into tasks
+(`packprep.readers.json_array`; its tests parse random arrays range by range against `json.loads`).
 Every kernel also runs as plain Python under NUMBA_DISABLE_JIT=1 (slowly; the tests do this in CI).
 """
 
@@ -418,3 +420,50 @@ def cut_stream(lengths, num_docs, seq_len, doc, start, piece_length, row_offsets
             remaining -= take
             used = (used + take) % seq_len
     row_offsets[row] = num_pieces
+
+
+# ---------------------------------------------------------------------------------------------------- JSON array scan
+
+
+@numba.njit(cache=True, nogil=True)
+def json_array_cuts(block, base, state, chunk_bytes, cuts):
+    """One block of a JSON array file's byte scan (`packprep.readers.json_array`): the top-level commas that cut it.
+
+    block: uint8[n], the file's bytes from offset `base`. state: int64[4] = (bracket depth, inside a string,
+    after a backslash, next_cut), carried from block to block and updated in place. cuts: int64[k], filled with
+    the top-level commas at or after next_cut (each cut moves next_cut to the comma + chunk_bytes).
+    Returns (cuts written, top-level commas seen, position of the array's closing bracket or -1).
+    `[{"a": "x,]"}, 2]` from base 0, state (0, 0, 0, 1): the comma and bracket in the string are skipped; cuts [13],
+    one comma seen, end 16.
+    """
+    depth, in_string, escaped, next_cut = state[0], state[1], state[2], state[3]
+    num_cuts = 0
+    commas = 0
+    end = -1
+    for i in range(block.size):
+        c = block[i]
+        if in_string:
+            if escaped:
+                escaped = 0
+            elif c == 92:  # backslash
+                escaped = 1
+            elif c == 34:  # quote
+                in_string = 0
+            continue
+        if c == 34:
+            in_string = 1
+        elif c == 91 or c == 123:  # [ {
+            depth += 1
+        elif c == 93 or c == 125:  # ] }
+            depth -= 1
+            if depth <= 0:
+                end = base + i
+                break
+        elif c == 44 and depth == 1:  # a top-level comma
+            commas += 1
+            if base + i >= next_cut and num_cuts < cuts.size:
+                cuts[num_cuts] = base + i
+                num_cuts += 1
+                next_cut = base + i + chunk_bytes
+    state[0], state[1], state[2], state[3] = depth, in_string, escaped, next_cut
+    return num_cuts, commas, end

@@ -5,15 +5,33 @@ User errors (ValueError, FileNotFoundError, ImportError) reach the user as one r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import sys
+import types
+import typing
+from inspect import Parameter, Signature
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
+
+from packprep.config import STRATEGIES, BuildConfig, merge
+
+
+class _Commands(TyperGroup):
+    """The app's commands plus `train`, which is made by `train_command` when it is asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*super().list_commands(ctx), "train"]
+
+    def get_command(self, ctx, name: str):
+        return train_command() if name == "train" else super().get_command(ctx, name)
+
 
 app = typer.Typer(
     name="packprep",
+    cls=_Commands,
     help="Pack tokenized documents into fixed-length rows for LLM training (and train on them).",
     no_args_is_help=True,
     add_completion=False,
@@ -54,63 +72,78 @@ def main(
 
 
 # Commands are added below, one section per area (simulate: packing; build/inspect/verify: pipeline; train: trainer).
+# `build` and `train` take their options from the config dataclasses' fields (`config_options`): each option, its
+# default and its help text are declared once, in the field.
+
+
+def config_options(cls, positional: str | None = None, short: dict[str, str] | None = None) -> list:
+    """One typer parameter per field of the config dataclass `cls`, named after it (`warmup_steps` ->
+    `--warmup-steps`, a bool -> `--x/--no-x`), with the field's default and help; a closed set (Literal) shows its
+    choices and is checked by the dataclass (one red line, not a usage box). `positional` names the field taken
+    as the command's argument (a tuple field takes any number)."""
+    short = short or {}
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if _is_optional(hint) else hint
+        default = None if f.default is dataclasses.MISSING else f.default
+        kind, metavar = base, None
+        if typing.get_origin(base) is typing.Literal:
+            kind, metavar = str, "[" + "|".join(typing.get_args(base)) + "]"
+        help = escape(f.metadata.get("doc", ""))  # plain text, not rich markup: "[default: ...]" stays
+        if f.name == positional:
+            many = typing.get_origin(base) is tuple
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            kind, default = (list[str], None) if many else (kind, default)
+            info = typer.Argument(... if required else default, help=help, show_default=not many,
+                                  metavar=f"{f.name.upper()}..." if many else None)
+        else:
+            flag = "--" + f.name.replace("_", "-")
+            names = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag, *filter(None, [short.get(f.name)])]
+            info = typer.Option(default, *names, help=help, show_default=default is not None, metavar=metavar)
+        params.append(Parameter(f.name, Parameter.KEYWORD_ONLY, default=info, annotation=kind))
+    return params
+
+
+def _is_optional(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def config_command(target: typer.Typer, cls, action, *, name: str, help: str, extra: tuple = (), **kw) -> None:
+    """Register command `name` on `target`: its options are `config_options(cls, **kw)` plus `extra` parameters;
+    it builds `cls` from the given flags (over `--config FILE` when `extra` has `config`) and calls
+    `action(cfg, **extra_values)` (user errors: one red line, exit 1)."""
+    params = [*config_options(cls, **kw), *extra]
+    names = {p.name for p in params[: len(params) - len(extra)]}
+
+    def command(ctx: typer.Context, **values):
+        # a flag left at its default does not override the config file
+        flags = {k: v for k, v in values.items() if k in names and ctx.get_parameter_source(k).name != "DEFAULT"}
+        if isinstance(flags.get("inputs"), list):
+            flags["inputs"] = tuple(flags["inputs"])
+        rest = {k: v for k, v in values.items() if k not in names}
+        action(merge(rest.pop("config", None), cls, name, **flags), **rest)
+
+    params.insert(0, Parameter("ctx", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
+    command.__signature__ = Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = help
+    target.command(name)(user_errors(command))
+
 
 # --- build / inspect / verify: pipeline ----------------------------------------------------------------------------
 
 
-def _field_docs() -> dict[str, str]:
-    """Field docstrings of BuildConfig (the attribute docstrings below each field) as --help text."""
-    import ast
-    import inspect
-
-    from packprep import config
-
-    tree = ast.parse(inspect.getsource(config.BuildConfig))
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+def _config_option(section: str):
+    return Parameter("config", Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+        None, "--config", help=f"TOML or YAML file of the same keys (at the top or in a '{section}' table); flags win"))
 
 
-_FIELD_DOCS = _field_docs()
-
-
-@app.command()
-@user_errors
-def build(
-    inputs: list[str] = typer.Argument(None, help=_FIELD_DOCS["inputs"], show_default=False),
-    out: str = typer.Option(None, "--out", "-o", help=_FIELD_DOCS["out"] + " [default: packprep_out]"),
-    tokenizer: str = typer.Option(None, help=_FIELD_DOCS["tokenizer"] + " [default: builtin]"),
-    seq_len: int = typer.Option(None, help=_FIELD_DOCS["seq_len"] + " [default: 4096]"),
-    strategy: str = typer.Option(None, help=_FIELD_DOCS["strategy"] + " [default: ffd]"),
-    long_docs: str = typer.Option(None, help=_FIELD_DOCS["long_docs"] + " [default: truncate]"),
-    workers: int = typer.Option(None, help=_FIELD_DOCS["workers"]),
-    seed: int = typer.Option(None, help=_FIELD_DOCS["seed"] + " [default: 0]"),
-    shuffle: bool = typer.Option(None, "--shuffle/--no-shuffle", help=_FIELD_DOCS["shuffle"] + " [default: shuffle]"),
-    format: str = typer.Option(None, "--format", help=_FIELD_DOCS["format"] + " [default: auto]"),
-    text_field: str = typer.Option(None, help=_FIELD_DOCS["text_field"]),
-    prompt_field: str = typer.Option(None, help=_FIELD_DOCS["prompt_field"]),
-    completion_field: str = typer.Option(None, help=_FIELD_DOCS["completion_field"]),
-    messages_field: str = typer.Option(None, help=_FIELD_DOCS["messages_field"]),
-    shard_rows: int = typer.Option(None, help=_FIELD_DOCS["shard_rows"]),
-    on_error: str = typer.Option(None, help=_FIELD_DOCS["on_error"] + " [default: raise]"),
-    overwrite: bool = typer.Option(None, "--overwrite", help=_FIELD_DOCS["overwrite"]),
-    executor: str = typer.Option(None, help=_FIELD_DOCS["executor"] + " [default: local]"),
-    ray_address: str = typer.Option(None, help=_FIELD_DOCS["ray_address"]),
-    config: str = typer.Option(None, "--config", help="TOML or YAML file with the same keys (flags win)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output, only the summary."),
-) -> None:
-    """Tokenize, pack and shard a corpus (no INPUT: the embedded default corpus, offline, in seconds)."""
+def _build(cfg, quiet: bool = False) -> None:
     from packprep.build import build as run_build
-    from packprep.config import merge
     from packprep.report import Progress, summary_table
 
-    cfg = merge(config, inputs=tuple(inputs or ()), out=out, tokenizer=tokenizer, seq_len=seq_len,
-                strategy=strategy, long_docs=long_docs, workers=workers, seed=seed, shuffle=shuffle, format=format,
-                text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
-                messages_field=messages_field, shard_rows=shard_rows, on_error=on_error, overwrite=overwrite,
-                executor=executor, ray_address=ray_address)
     result = run_build(cfg, progress=Progress(err_console, enabled=not quiet))
     if result.already_built:
         console.print(f"{result.out} already holds this build (same settings and inputs): nothing to do",
@@ -120,6 +153,13 @@ def build(
     console.print(f"shards: {result.out}/  (datasets.load_from_disk({str(result.out)!r}) opens them)\n"
                   f"next:   packprep inspect {result.out}   |   packprep verify {result.out}   |   "
                   f"packprep train {result.out} --model tiny", highlight=False)
+
+
+_QUIET = Parameter("quiet", Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+    False, "--quiet", "-q", help="No progress output, only the summary."))
+config_command(app, BuildConfig, _build, name="build", positional="inputs", short={"out": "-o"},
+               extra=(_config_option("build"), _QUIET),
+               help="Tokenize, pack and shard a corpus (no INPUTS: the embedded default corpus, offline, in seconds).")
 
 
 @app.command()
@@ -165,7 +205,7 @@ def verify(out: str = typer.Argument("packprep_out", help="A packprep output fol
 def simulate(
     lengths: str = typer.Argument(..., help="Lengths file: .npy, text (one integer a line), Parquet/Arrow."),
     seq_len: int = typer.Option(..., "--seq-len", help="Tokens per packed row."),
-    strategy: str = typer.Option("all", help="ffd | bfd | b2f | greedy | random | none | all (compare them)."),
+    strategy: str = typer.Option("all", help=" | ".join((*STRATEGIES, "all (compare them)."))),
     column: str = typer.Option(None, help="Parquet/Arrow column with the lengths (or token lists)."),
     seed: int = typer.Option(0, help="Seed of the random strategy."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -184,61 +224,33 @@ def simulate(
 # --- train: trainer ------------------------------------------------------------------------------------------------
 
 
-@app.command()
-@user_errors
-def train(
-    shards: str = typer.Argument(..., help="packprep output folder (from `packprep build`)."),
-    model: str = typer.Option("tiny", help="tiny | small (random Llama) | a local model folder | a hub name."),
-    steps: int = typer.Option(100, help="Optimizer steps in total (a resumed run continues up to this step)."),
-    batch_tokens: int = typer.Option(8192, help="Token budget of one micro-batch per rank (>= the build's seq_len)."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW; linear warmup, cosine to 10%)."),
-    warmup: int = typer.Option(10, help="Warmup steps."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step on each rank."),
-    device: str = typer.Option("auto", help="cpu | cuda | auto."),
-    attn: str = typer.Option("auto", help="Attention backend: auto | flash_attn | torch | sdpa."),
-    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for cuda, off for cpu)."),
-    seed: int = typer.Option(0, help="Seed of the data order and of the preset models' weights."),
-    ckpt: str = typer.Option(None, help="Checkpoint folder (last.pt)."),
-    ckpt_every: int = typer.Option(0, help="Steps between checkpoints (0: only at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from <ckpt>/last.pt."),
-    stop_at: int = typer.Option(0, help="Stop (and checkpoint) after this step; the schedule still spans --steps."),
-    log_every: int = typer.Option(1, help="Steps between log lines."),
-) -> None:
-    """Train a causal LM on packed shards with per-document (varlen) attention; run under torchrun for DDP."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ImportError('packprep train needs torch: pip install "packprep[train]"') from None
-    from trainer.train import TrainConfig
+def _train(cfg) -> None:
     from trainer.train import train as run_training
 
-    cfg = TrainConfig(shards=shards, model=model, steps=steps, batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup,
-                      grad_accum=grad_accum, device=device, attn=attn, bf16=bf16, seed=seed, ckpt=ckpt,
-                      ckpt_every=ckpt_every, resume=resume, stop_at=stop_at, log_every=log_every)
     run_training(cfg, echo=lambda line: console.print(line, highlight=False))
 
 
-
-def run() -> None:
-    """The `packprep` console script: the typer app, then a fast exit. After a build the interpreter's own teardown
-    (freeing numba's LLVM state, the tokenizer, every module) takes ~0.4 s; every output is already written,
-    fsynced and renamed by then, so the atexit handlers run (Ray, logging), the streams are flushed and the
-    process ends with os._exit."""
-    import atexit
-    import os
-
+@functools.cache
+def train_command():
+    """The `train` command, built on first use: TrainConfig lives with the trainer, which imports torch (seconds),
+    so `packprep build` and `--help` of other commands never pay for it. Without torch: a command that says so."""
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    help = "Train a causal LM on packed shards with per-document (varlen) attention; run under torchrun for DDP."
     try:
-        app()
-        code = 0
-    except SystemExit as e:
-        if e.code is not None and not isinstance(e.code, int):
-            raise  # sys.exit("message"): let Python print it
-        code = e.code or 0
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        from trainer.train import TrainConfig
+    except ImportError as e:  # torch or transformers missing (a build-only install)
+        reason = str(e)
+
+        @sub.command("train", help=help, context_settings={"ignore_unknown_options": True,
+                                                          "allow_extra_args": True})
+        @user_errors
+        def train_unavailable() -> None:
+            raise ImportError(f'packprep train cannot start ({reason}): pip install "packprep[train]"')
+    else:
+        config_command(sub, TrainConfig, _train, name="train", positional="shards", extra=(_config_option("train"),),
+                       help=help)
+    return typer.main.get_command(sub)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    run()
+    app()

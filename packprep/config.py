@@ -1,23 +1,43 @@
-"""`BuildConfig`: every setting of one `packprep build`, validated once, written whole into the manifest.
+"""`BuildConfig`: every setting of one `packprep build`, validated once, written whole into the manifest; and the
+typed-settings machinery that `TrainConfig` shares (`setting`, `check_types`, `load_config_file`).
 
-A config file (`--config FILE`, TOML or YAML) holds the same keys as the dataclass; command-line flags win over
-it (`merge`). Costs nothing measurable: this module imports only the standard library.
+Each setting is declared once, as a dataclass field made by `setting(default, doc)`: its type, its default and its
+help text. The CLI's options (`packprep.cli`) and the config-file checks are generated from those fields. A config
+file (`--config FILE`, TOML or YAML) holds the same keys; each value must have the field's type (`overwrite = "no"`
+is refused, not read as true), and command-line flags win over the file (`merge`). Costs nothing measurable: this
+module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-STRATEGIES = ("ffd", "bfd", "greedy", "random", "none", "b2f")  # == packprep.pack.STRATEGIES (no numba import here)
-EXECUTORS = ("local", "ray")
-LONG_DOCS = ("truncate", "split", "drop")
-ON_ERROR = ("raise", "skip")
-FORMATS = ("auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca")
+Strategy = Literal["ffd", "bfd", "greedy", "random", "none", "b2f"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)  # the one list: packprep.pack and simulate use it too
+LongDocs = Literal["truncate", "split", "drop"]
+RecordFormat = Literal["auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca"]
+OnError = Literal["raise", "skip"]
+Executor = Literal["local", "ray"]
+INT32_MAX = 2**31 - 1
 DEFAULT_OUT = "packprep_out"
 DEFAULT_TOKENIZER = "builtin"  # packprep/assets/tokenizer: the byte-level BPE the project trains itself
+# Field flags and the record formats they apply to; flags of two families cannot be combined.
+FIELD_FORMATS = {"text_field": ("text",), "prompt_field": ("prompt-completion",),
+                 "completion_field": ("prompt-completion",), "messages_field": ("chat", "sharegpt")}
+
+
+def setting(default=MISSING, doc: str = "", *, factory=None):
+    """A dataclass field with its help text: `seq_len: int = setting(4096, "Tokens per packed row.")`."""
+    doc = " ".join(doc.split())
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 def default_workers() -> int:
@@ -30,71 +50,59 @@ def default_workers() -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-    """One build: inputs -> tokenize -> pack -> shards. Field docstrings are the CLI's help text."""
+    """One build: inputs -> tokenize -> pack -> shards."""
 
-    inputs: tuple[str, ...] = ()
-    """Input files, globs or folders (JSONL, JSON, Parquet, Arrow, CSV, HF save_to_disk folders). Empty: the
-    embedded default corpus (the Python standard library's own sources, read at run time)."""
-    out: str = DEFAULT_OUT
-    """Output folder (shards, HF metadata, packprep.json manifest)."""
-    tokenizer: str = DEFAULT_TOKENIZER
-    """Hugging Face tokenizer: a local folder or tokenizer.json, a hub name when online, or 'builtin'."""
-    seq_len: int = 4096
-    """Tokens per packed row (the training context length)."""
-    strategy: str = "ffd"
-    """Packing strategy: ffd | bfd | greedy | random | none | b2f (ffd + exact two-document repairs)."""
-    long_docs: str = "truncate"
-    """Documents longer than seq_len: truncate (keep the first seq_len tokens) | split (pieces) | drop; counted."""
-    workers: int = field(default_factory=default_workers)
-    """Worker processes for tokenizing and writing (default: all cores)."""
-    seed: int = 0
-    """Seed for the row shuffle and the `random` strategy."""
-    shuffle: bool = True
-    """Shuffle rows (seeded) after packing, so rows are not ordered by length."""
-    format: str = "auto"
-    """Record format: auto | text | prompt-completion | chat | sharegpt | alpaca."""
-    text_field: str | None = None
-    """Field holding plain text (format text; default 'text')."""
-    prompt_field: str | None = None
-    """Field holding the prompt (format prompt-completion; default 'prompt' or 'question')."""
-    completion_field: str | None = None
-    """Field holding the completion (format prompt-completion; default 'completion' or 'answer')."""
-    messages_field: str | None = None
-    """Field holding a conversation (chat: 'messages' of role/content; sharegpt: 'conversations' of from/value)."""
-    shard_rows: int | None = None
-    """Rows per shard (default: about 256 MB of tokens per shard)."""
-    on_error: str = "raise"
-    """A bad input record (malformed JSON, wrong type, missing or null field, unknown chat role): raise (stop with
-    file, line and reason) | skip (set it aside in OUT/rejects.jsonl, count it in the manifest, go on)."""
-    chunk_bytes: int = 2 << 20
-    """Input bytes per tokenize task (the unit of parallel work; the output does not depend on it)."""
-    overwrite: bool = False
-    """Replace a finished build in `out` that was made with different settings or inputs."""
-    executor: str = "local"
-    """Where tokenize and write tasks run: local (worker processes) | ray (a Ray cluster; same bytes)."""
-    ray_address: str | None = None
-    """Ray cluster to join with --executor ray ('auto', 'HOST:6379', 'ray://HOST:10001'; default: RAY_ADDRESS,
-    else a local Ray runtime)."""
+    inputs: tuple[str, ...] = setting((), """Input files, globs or folders (JSONL, JSON, Parquet, Arrow, CSV, HF
+        save_to_disk folders). None given: the embedded default corpus (the Python standard library's own sources).""")
+    out: str = setting(DEFAULT_OUT, "Output folder (shards, HF metadata, packprep.json manifest).")
+    tokenizer: str = setting(DEFAULT_TOKENIZER, """Hugging Face tokenizer: a local folder or tokenizer.json, a hub
+        name when online, or 'builtin'.""")
+    seq_len: int = setting(4096, "Tokens per packed row (the training context length).")
+    strategy: Strategy = setting("ffd", """Packing strategy (b2f: ffd + exact two-document repairs).""")
+    long_docs: LongDocs = setting("truncate", """Documents longer than seq_len: truncate (keep the first seq_len
+        tokens), split (pieces) or drop; each is counted.""")
+    workers: int = setting(doc="Worker processes for tokenizing and writing (default: all cores).",
+                           factory=default_workers)
+    seed: int = setting(0, "Seed for the row shuffle and the `random` strategy.")
+    shuffle: bool = setting(True, "Shuffle rows (seeded) after packing, so rows are not ordered by length.")
+    format: RecordFormat = setting("auto", "Record format (auto: detected from the fields).")
+    text_field: str | None = setting(None, "Field holding plain text (format text; default 'text').")
+    prompt_field: str | None = setting(None, """Field holding the prompt (format prompt-completion; default 'prompt'
+        or 'question').""")
+    completion_field: str | None = setting(None, """Field holding the completion (format prompt-completion; default
+        'completion' or 'answer').""")
+    messages_field: str | None = setting(None, """Field holding a conversation (chat: 'messages' of role/content;
+        sharegpt: 'conversations' of from/value).""")
+    shard_rows: int | None = setting(None, "Rows per shard (default: about 256 MB of tokens per shard).")
+    on_error: OnError = setting("raise", """A bad input record (malformed JSON, wrong type, missing or null field,
+        unknown chat role): raise (stop with file, line and reason) or skip (set it aside in OUT/rejects.jsonl, count
+        it in the manifest, go on).""")
+    chunk_bytes: int = setting(2 << 20, """Input bytes per tokenize task (the unit of parallel work; the output does
+        not depend on it).""")
+    overwrite: bool = setting(False, "Replace a finished build in `out` made with other settings or inputs.")
+    executor: Executor = setting("local", """Where tokenize and write tasks run: local (worker processes) or ray (a
+        Ray cluster; same bytes).""")
+    ray_address: str | None = setting(None, """Ray cluster to join with --executor ray ('auto', 'HOST:6379',
+        'ray://HOST:10001'; default: RAY_ADDRESS, else a local Ray runtime).""")
 
     def __post_init__(self):
         if isinstance(self.inputs, (str, Path)):
-            object.__setattr__(self, "inputs", (str(self.inputs),))
-        object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("long_docs", self.long_docs, LONG_DOCS)
-        _choice("format", self.format, FORMATS)
-        _choice("executor", self.executor, EXECUTORS)
-        _choice("on_error", self.on_error, ON_ERROR)
+            object.__setattr__(self, "inputs", (self.inputs,))
+        if isinstance(self.inputs, (list, tuple)):
+            object.__setattr__(self, "inputs", tuple(str(p) if isinstance(p, Path) else p for p in self.inputs))
+        check_types(self)
         for name in ("seq_len", "workers", "chunk_bytes"):
-            _positive(name, getattr(self, name))
+            _at_least(name, getattr(self, name), 1)
         if self.shard_rows is not None:
-            _positive("shard_rows", self.shard_rows)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not str(self.out):
+            _at_least("shard_rows", self.shard_rows, 1)
+        _at_least("seed", self.seed, 0)
+        if self.seq_len > INT32_MAX:  # token offsets in a row are int32 (shards, spool, the packing kernels)
+            raise ValueError(f"seq_len must be at most {INT32_MAX:,} (2**31 - 1), got {self.seq_len:,} (--seq-len)")
+        if not self.out:
             raise ValueError("out must name a folder")
         if not self.tokenizer:
             raise ValueError("tokenizer must name a local folder, a tokenizer.json, a hub name or 'builtin'")
+        _check_field_flags(self)
 
     @property
     def rows_per_shard(self) -> int:
@@ -114,19 +122,101 @@ class BuildConfig:
         return d
 
 
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(choices)}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        flag = "--" + name.replace("_", "-")
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r} ({flag})")
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r} ({_flag(name)})")
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Read a TOML or YAML config file into a dict of BuildConfig keys (dashes allowed: seq-len == seq_len)."""
+def _check_field_flags(cfg: BuildConfig) -> None:
+    """`--text-field` with `--prompt-field`, or `--format text --prompt-field q`: refused, not ignored."""
+    given = [name for name in FIELD_FORMATS if getattr(cfg, name) is not None]
+    for name in given:
+        if cfg.format != "auto" and cfg.format not in FIELD_FORMATS[name]:
+            raise ValueError(f"{_flag(name)} does not apply to --format {cfg.format} (it applies to "
+                             f"{' / '.join(FIELD_FORMATS[name])})")
+    families = {FIELD_FORMATS[name] for name in given}
+    if len(families) > 1:
+        raise ValueError(f"{' and '.join(map(_flag, given))} cannot be combined: they name fields of different "
+                         "record formats; give the flags of one format")
+
+
+# ---------------------------------------------------------------------------------------------------- typed values
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def check_types(obj) -> None:
+    """Check every field of a config dataclass against its annotation (one line naming key, value, expected)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        check_value(f.name, getattr(obj, f.name), hints[f.name])
+
+
+def check_value(key: str, value, hint, where: str = "") -> None:
+    """Raise ValueError unless `value` has type `hint` (int, float, bool, str, X | None, Literal, tuple[str, ...])."""
+    if not _matches(value, hint):
+        closed = [a for a in (hint, *_args(hint)) if typing.get_origin(a) is Literal]
+        if closed:
+            choices = ", ".join(typing.get_args(closed[0]))
+            raise ValueError(f"{where}unknown {key} {value!r}; expected one of: {choices}")
+        raise ValueError(f"{where}{key} = {value!r}: expected {_describe(hint)}, got {_kind(value)}")
+
+
+def _args(hint) -> tuple:
+    """X | None -> (X, None); anything else -> ()."""
+    return tuple(None if a is type(None) else a for a in typing.get_args(hint)) if _is_union(hint) else ()
+
+
+def _is_union(hint) -> bool:
+    import types
+
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _matches(value, hint) -> bool:
+    if _is_union(hint):
+        return any(value is None if a is None else _matches(value, a) for a in _args(hint))
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint) and isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if _is_union(hint):
+        return " or ".join(_describe(a) for a in _args(hint) if a is not None)
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    names = {bool: "true or false (a boolean)", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- config files
+
+
+def load_config_file(path: str | Path, cls=BuildConfig, section: str = "build") -> dict:
+    """Read a TOML or YAML config file into a dict of `cls` keys (dashes allowed: seq-len == seq_len), each value
+    checked against its field's type; the settings may sit under a `[build]` (`section`) table."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -146,27 +236,29 @@ def load_config_file(path: str | Path) -> dict:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     else:
         raise ValueError(f"{path}: config files are .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table of settings at the top level")
+    if isinstance(data.get(section), dict) and len(data) == 1:
+        data = data[section]
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data = data.get("build", data) if isinstance(data.get("build"), dict) else data
-    known = {f.name for f in dataclasses.fields(BuildConfig)}
-    unknown = sorted(set(data) - known)
+    hints = _hints(cls)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}")
     if isinstance(data.get("inputs"), str):
         data["inputs"] = [data["inputs"]]
+    if isinstance(data.get("inputs"), list):
+        data["inputs"] = tuple(data["inputs"])
+    for key, value in data.items():
+        check_value(key, value, hints[key], where=f"{path}: ")
     return data
 
 
-def merge(config_file: str | Path | None = None, **flags) -> BuildConfig:
-    """BuildConfig from a config file overridden by the flags that were given (None means 'not given')."""
-    values = load_config_file(config_file) if config_file else {}
+def merge(config_file: str | Path | None = None, cls=BuildConfig, section: str = "build", **flags):
+    """`cls` (BuildConfig) from a config file overridden by the flags that were given (None means 'not given')."""
+    values = load_config_file(config_file, cls, section) if config_file else {}
     values.update({k: v for k, v in flags.items() if v is not None and v != ()})
-    try:
-        return BuildConfig(**values)
-    except TypeError as e:  # a wrong type in a config file, e.g. seq_len = "abc"
-        raise ValueError(f"bad setting: {e}") from None
+    return cls(**values)

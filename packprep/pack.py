@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from packprep import _kernels
+from packprep.config import STRATEGIES  # declared once, as the Literal type of BuildConfig.strategy
 
-STRATEGIES = ("ffd", "bfd", "greedy", "random", "none", "b2f")
 B2F_REPAIR_TRIES = 3  # b2f: how many of a row's smallest documents may be swapped for an exact-fit pair
 _INT32_MAX = 2**31 - 1
 

@@ -107,12 +107,12 @@ def _arrow(a: np.ndarray) -> pa.Array:
 
 
 def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
-    """Write record batches as one Arrow IPC stream file, atomically (`atomic_file`: temp name, fsync, rename).
+    """Write record batches as one Arrow IPC stream file (pyarrow's stream writer: the bytes datasets writes),
+    atomically (`atomic_file`: temp name, fsync, rename).
 
     Returns {"file", "rows", "tokens", "bytes", "sha256"} for the manifest. A crash leaves only a `.tmp` file,
-    which no reader takes for a shard. The stream is written message by message (the schema, each batch's
-    `serialize()`, the end-of-stream marker: the bytes `pa.ipc.new_stream` writes) and hashed on a second thread
-    while the next batch is gathered, so the sha256 costs no extra pass over the file.
+    which no reader takes for a shard. The sha256 is computed from the bytes as they are written, on a second
+    thread, so it costs no second pass over the file.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -120,24 +120,33 @@ def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
     rows = tokens = 0
     digest = hashlib.sha256()
     with atomic_file(path, fsync=fsync) as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-
-        def put(message) -> None:
-            f.write(message)
-            hasher.submit(digest.update, message)  # one thread: in order; the task holds the buffer until hashed
-
-        put(SCHEMA.serialize())
-        for batch in batches:
-            if not batch.schema.equals(SCHEMA):
-                raise ValueError(f"record batch schema {batch.schema} is not shard format v1's")
-            rows += batch.num_rows
-            tokens += len(batch.column(0).values)
-            put(batch.serialize())
-        put(_END_OF_STREAM)
+        with pa.ipc.new_stream(_HashingSink(f, digest, hasher), SCHEMA) as writer:
+            for batch in batches:
+                if not batch.schema.equals(SCHEMA):
+                    raise ValueError(f"record batch schema {batch.schema} is not shard format v1's")
+                rows += batch.num_rows
+                tokens += len(batch.column(0).values)
+                writer.write_batch(batch)
     return {"file": path.name, "rows": rows, "tokens": tokens, "bytes": path.stat().st_size,
             "sha256": digest.hexdigest()}
 
 
-_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation marker + 0 length
+class _HashingSink:
+    """A binary file that also feeds what is written to a sha256, in order, on the `hasher` thread (the submitted
+    task keeps the buffer alive until it is hashed)."""
+
+    def __init__(self, f, digest, hasher):
+        self.f, self.digest, self.hasher, self.closed = f, digest, hasher, False
+
+    def write(self, data) -> int:
+        self.hasher.submit(self.digest.update, data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:  # the stream writer's close() leaves the file to atomic_file
+        self.closed = True
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

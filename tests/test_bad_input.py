@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from build_fixtures import read_docs, texts
-from typer.testing import CliRunner
 
-from packprep import sources
 from packprep.build import build
-from packprep.cli import app
 from packprep.config import BuildConfig
-from packprep.sources import RecordError, plan_tasks, read_task, resolve_inputs
+from packprep.inputs import plan_tasks, resolve_inputs
+from packprep.readers import jsonl as jsonl_reader
+from packprep.readers import read_task
+from packprep.records import RecordError
 from packprep.verify import verify
 
 
@@ -48,15 +48,6 @@ def check_accounting(m: dict) -> None:
     c = m["counts"]
     assert c["input_docs"] == c["packed"] + c["truncated"] + c["split"] + sum(c["dropped"].values()) + c["rejected"]
     assert sum(c["rejected_reasons"].values()) == c["rejected"]
-
-
-def cli_error(args) -> str:
-    r = CliRunner().invoke(app, ["build", *map(str, args)])
-    assert r.exit_code == 1, r.output
-    assert isinstance(r.exception, SystemExit)  # a clean exit, not an exception escaping the CLI
-    lines = [x for x in r.output.splitlines() if x.strip() and not x.startswith(("tokenize", "write"))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    return lines[0]
 
 
 # (bad line, kind, words the reason must hold): each among good lines, in both modes
@@ -109,8 +100,8 @@ def test_fallback_only_for_the_chunk_that_failed(tmp_path, monkeypatch):
     tasks = plan_tasks(resolve_inputs([src]), chunk_bytes=2000)
     assert len(tasks) > 4
     calls = []
-    real = sources._json_line
-    monkeypatch.setattr(sources, "_json_line", lambda raw: calls.append(raw) or real(raw))
+    real = jsonl_reader.json_line
+    monkeypatch.setattr(jsonl_reader, "json_line", lambda raw: calls.append(raw) or real(raw))
     out, rej = [], []
     for t in tasks:
         out += [d for b in read_task(t, rejects=rej) for d in b.texts]
@@ -120,22 +111,21 @@ def test_fallback_only_for_the_chunk_that_failed(tmp_path, monkeypatch):
     assert len(calls) < 60
 
 
-def test_worker_error_is_one_line_from_the_cli(tmp_path):
+def test_worker_error_is_one_line_from_the_cli(tmp_path, cli_error):
     lines = good(300)
     lines[222] = {"text": 12}
     src = jsonl(tmp_path / "in.jsonl", lines)
-    line = cli_error([src, "--out", tmp_path / "o", "--workers", "2", "--seq-len", "256"])  # chunks over 2 processes
+    line = cli_error("build", src, "--out", tmp_path / "o", "--workers", 2, "--seq-len", 256)  # 2 processes
     assert f"{src} line 223: field 'text' holds a number (12), expected text" in line
 
 
-def test_cli_skip_flag(tmp_path):
+def test_cli_skip_flag(tmp_path, cli, cli_error):
     src = jsonl(tmp_path / "in.jsonl", [*good(5), "{bad", *good(5, 1)])
-    r = CliRunner().invoke(app, ["build", str(src), "--out", str(tmp_path / "o"), "--on-error", "skip",
-                                 "--workers", "1", "--seq-len", "256"])
+    r = cli("build", src, "--out", tmp_path / "o", "--on-error", "skip", "--workers", 1, "--seq-len", 256)
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "o" / "packprep.json").read_text())
     assert m["config"]["on_error"] == "skip" and m["counts"]["rejected"] == 1
-    assert "unknown on_error" in cli_error([src, "--out", tmp_path / "o2", "--on-error", "ignore"])
+    assert "unknown on_error" in cli_error("build", src, "--out", tmp_path / "o2", "--on-error", "ignore")
 
 
 def test_rejects_are_deterministic_across_workers(tmp_path):
@@ -343,7 +333,7 @@ def test_every_document_is_packed_or_counted(tmp_path, policy):
 # ---------------------------------------------------------------------------------------------------- verify
 
 
-def test_verify_catches_a_broken_identity(tmp_path):
+def test_verify_catches_a_broken_identity(tmp_path, cli):
     src = jsonl(tmp_path / "in.jsonl", [*good(5), b"{bad", {"text": ""}, *good(3, 1)])
     out = tmp_path / "out"
     run([src], out, on_error="skip")
@@ -355,7 +345,7 @@ def test_verify_catches_a_broken_identity(tmp_path):
     path.write_text(json.dumps(m))
     failures = verify(out).failures
     assert any(f.startswith("doc accounting") for f in failures) and any(f.startswith("rejects") for f in failures)
-    r = CliRunner().invoke(app, ["verify", str(out)])
+    r = cli("verify", out)
     assert r.exit_code == 1 and "doc accounting" in r.output
     m = json.loads(original)
     m["counts"]["dropped"]["empty"] = 0  # an empty document gone missing from the counts

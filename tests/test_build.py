@@ -4,27 +4,19 @@ datasets opens, determinism across --workers, the no-argument default build and 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from build_fixtures import chats, read_docs, texts, write_corpora
-from typer.testing import CliRunner
+from build_fixtures import chats, read_docs, texts
 
 from packprep.build import build
-from packprep.cli import app
 from packprep.config import BuildConfig, merge
 from packprep.shards import shard_files
-from packprep.tokenize import BUILTIN, Tokenizer
+from packprep.tokenizer import BUILTIN, Tokenizer
 from packprep.verify import verify
 
 TOK = Tokenizer(BUILTIN)
 EOS = TOK.eos_id
-
-
-@pytest.fixture(scope="session")
-def corpora(tmp_path_factory) -> dict[str, Path]:
-    return write_corpora(tmp_path_factory.mktemp("corpora"))
 
 
 def run(inputs, out, **kw):
@@ -73,7 +65,7 @@ def test_prompt_completion_mask_covers_completion_and_eos(corpora, tmp_path):
 
 def test_encode_empty_parts_against_reference():
     """Empty prompts, completions and texts: no EOS on an empty document, EOS (with loss) on any other."""
-    from packprep.sources import Docs
+    from packprep.records import Docs
 
     tok = Tokenizer(BUILTIN)
     prompts = ["a b", "", "", "hello there", "x"]
@@ -114,7 +106,7 @@ def test_chat_mask_without_generation_markers(tmp_path):
     tok = Tokenizer(BUILTIN)
     tok.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     msgs = [{"role": "user", "content": "alpha beta"}, {"role": "assistant", "content": "gamma delta"}]
-    from packprep.sources import Docs
+    from packprep.records import Docs
 
     ids, mask, lengths = tok.encode(Docs(chats=[msgs]))
     text = TOK.rust.decode([t for t, m in zip(ids.tolist(), mask.tolist()) if m], skip_special_tokens=False)
@@ -210,7 +202,7 @@ def test_config_file_and_flags_win(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def default_build(tmp_path_factory):
+def default_build(tmp_path_factory, cli):
     """`packprep build` with no arguments, in an empty folder (the embedded default corpus and tokenizer)."""
     import os
 
@@ -218,40 +210,34 @@ def default_build(tmp_path_factory):
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        result = CliRunner().invoke(app, ["build", "--workers", "2"])
+        result = cli("build", "--workers", 2)
     finally:
         os.chdir(old)
     return cwd / "packprep_out", result
 
 
-def test_default_build_no_arguments(default_build):
+def test_default_build_no_arguments(default_build, cli):
     out, result = default_build
     assert result.exit_code == 0, result.output
     assert "packprep verify packprep_out" in result.output and "packprep train packprep_out" in result.output
     m = json.loads((out / "packprep.json").read_text())
     assert m["counts"]["input_docs"] > 5000 and m["packing"]["rows_over_lb"] <= 1.0002 + 1 / m["counts"]["rows"]
     assert m["tokenizer"]["name"] == "builtin" and len(m["tokenizer"]["sha256"]) == 64
-    r = CliRunner().invoke(app, ["verify", str(out)])
+    r = cli("verify", out)
     assert r.exit_code == 0 and "all" in r.output
 
 
-def test_inspect_and_plot(default_build, tmp_path):
+def test_inspect_and_plot(default_build, tmp_path, cli):
     out, _ = default_build
-    r = CliRunner().invoke(app, ["inspect", str(out), "--plot", str(tmp_path / "r.png")])
+    r = cli("inspect", out, "--plot", tmp_path / "r.png")
     assert r.exit_code == 0, r.output
     assert "efficiency" in r.output and (tmp_path / "r.png").stat().st_size > 10_000
 
 
-def _error(args, tmp_path):
-    r = CliRunner().invoke(app, ["build", *args, "--out", str(tmp_path / "o"), "--workers", "1"])
-    assert r.exit_code == 1, r.output
-    assert isinstance(r.exception, SystemExit)  # a clean exit, not an exception escaping the CLI
-    lines = [x for x in r.output.splitlines() if x.strip() and not x.startswith(("no inputs", "tokenize", "write"))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    return lines[0]
+def test_cli_errors_are_one_line(corpora, tmp_path, cli_error):
+    def _error(args, tmp_path):
+        return cli_error("build", *args, "--out", tmp_path / "o", "--workers", 1)
 
-
-def test_cli_errors_are_one_line(corpora, tmp_path):
     text = str(corpora["text"])
     assert "input not found" in _error([str(tmp_path / "missing.jsonl")], tmp_path)
     assert "no input matches" in _error([str(tmp_path / "*.parquet")], tmp_path)
@@ -273,7 +259,7 @@ def test_cli_errors_are_one_line(corpora, tmp_path):
     assert "no input files" in _error([str(tmp_path / "nothing")], tmp_path)
 
 
-def test_error_lines_keep_square_brackets(tmp_path, monkeypatch):
+def test_error_lines_keep_square_brackets(tmp_path, monkeypatch, cli):
     """Messages such as 'pip install "packprep[plot]"' must reach the user whole (rich would eat '[plot]' as markup)."""
     import builtins
 
@@ -288,7 +274,7 @@ def test_error_lines_keep_square_brackets(tmp_path, monkeypatch):
     data.write_text('{"text": "a b c"}\n')
     build(BuildConfig(inputs=(str(data),), out=str(tmp_path / "out"), seq_len=64, workers=1))
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "out"), "--plot", str(tmp_path / "p.png")])
+    r = cli("inspect", tmp_path / "out", "--plot", tmp_path / "p.png")
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
     assert 'packprep[plot]' in r.output, r.output
 
@@ -305,9 +291,9 @@ def test_build_does_not_import_pandas(corpora, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_console_script_exit_codes_and_output_survive_the_fast_exit(tmp_path):
-    """`packprep` ends with os._exit (skipping the interpreter's teardown): piped output must still arrive and the
-    exit code must be the command's."""
+def test_console_script_exit_codes_and_output(tmp_path):
+    """`python -m packprep.cli` in a fresh process: piped output arrives, the exit code is the command's, and an
+    error is one line on stderr, not a traceback."""
     import subprocess
     import sys
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from build_fixtures import write_corpora
 
 from packprep.build import build
 from packprep.config import BuildConfig
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("interop")
-    files = write_corpora(d / "in", n=60)
-    out = d / "out"
-    build(BuildConfig(inputs=(str(files["prompt-completion"]), str(files["chat"])), out=str(out), seq_len=256,
+def shards(tmp_path_factory, corpora):
+    out = tmp_path_factory.mktemp("interop") / "out"
+    build(BuildConfig(inputs=(str(corpora["prompt-completion"]), str(corpora["chat"])), out=str(out), seq_len=256,
                       workers=1))
     return out
 

@@ -179,12 +179,6 @@ def test_plan_does_not_alias_the_input():
         assert not any(np.shares_memory(lengths, a) for a in (plan.row_offsets, plan.doc, plan.start, plan.length))
 
 
-def test_build_config_accepts_exactly_the_engines_strategies():
-    from packprep import config
-
-    assert config.STRATEGIES == STRATEGIES
-
-
 def test_huge_seq_len_uses_argsort_same_plan():
     lengths = [5, 900_000, 5, 300_000, 700_000, 1]
     for strategy in ("ffd", "bfd", "greedy", "b2f"):

@@ -19,11 +19,12 @@ import pytest
 from build_fixtures import texts
 from typer.testing import CliRunner
 
-import packprep.build as build_mod
-from packprep.build import WORK, BuildLockedError, DiskFullError, build
+import packprep.write as write_mod
+from packprep.build import build
 from packprep.cli import app
 from packprep.config import BuildConfig
 from packprep.verify import verify
+from packprep.workdir import WORK, BuildLockedError, DiskFullError
 
 SETTINGS = dict(seq_len=256, shard_rows=200, chunk_bytes=64 << 10)  # ~18 tokenize tasks, 8 shards
 
@@ -144,7 +145,7 @@ def test_kill_mid_shard_leaves_no_finished_looking_file(corpus, reference, tmp_p
 
 def _fill_disk_at(monkeypatch, shard: int) -> None:
     """The k-th shard write fails with ENOSPC after its schema is written (in-process: workers=1)."""
-    real, calls = build_mod.write_shard, [0]
+    real, calls = write_mod.write_shard, [0]
 
     def failing(path, batches):
         calls[0] += 1
@@ -156,7 +157,7 @@ def _fill_disk_at(monkeypatch, shard: int) -> None:
 
         return real(path, gen())
 
-    monkeypatch.setattr(build_mod, "write_shard", failing)
+    monkeypatch.setattr(write_mod, "write_shard", failing)
 
 
 def test_disk_full_is_one_clean_line_and_resumable(corpus, reference, tmp_path, monkeypatch):
@@ -242,7 +243,7 @@ def test_one_build_at_a_time_per_folder(corpus, tmp_path):
 
 
 def test_a_tokenizer_retrained_in_place_is_a_different_build(tmp_path):
-    from packprep.tokenize import BUILTIN
+    from packprep.tokenizer import BUILTIN
 
     tok = tmp_path / "tok"
     shutil.copytree(BUILTIN, tok)

@@ -7,22 +7,17 @@ import json
 import shutil
 
 import pytest
-from build_fixtures import write_corpora
-from typer.testing import CliRunner
 
 from packprep.build import build
-from packprep.cli import app
 from packprep.config import BuildConfig
 from packprep.shards import make_batch, write_shard
 from packprep.verify import verify
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    files = write_corpora(root / "in", n=30)
-    out = root / "good"
-    build(BuildConfig(inputs=(str(files["chat"]), str(files["text"])), out=str(out), seq_len=128, shard_rows=4,
+def good(tmp_path_factory, corpora):
+    out = tmp_path_factory.mktemp("verify") / "good"
+    build(BuildConfig(inputs=(str(corpora["chat"]), str(corpora["text"])), out=str(out), seq_len=128, shard_rows=4,
                       workers=1))
     return out
 
@@ -34,20 +29,20 @@ def copy(good, tmp_path):
     return out
 
 
-def test_good_build_passes(good):
+def test_good_build_passes(good, cli):
     report = verify(good)
     assert report.ok and len(report.checks) > 6
-    assert CliRunner().invoke(app, ["verify", str(good)]).exit_code == 0
+    assert cli("verify", good).exit_code == 0
 
 
-def test_flipped_byte_fails(copy):
+def test_flipped_byte_fails(copy, cli):
     shard = sorted(copy.glob("data-*.arrow"))[1]
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     shard.write_bytes(bytes(raw))
     report = verify(copy)
     assert not report.ok and any("sha256" in f for f in report.failures)
-    r = CliRunner().invoke(app, ["verify", str(copy)])
+    r = cli("verify", copy)
     assert r.exit_code == 1 and "FAIL" in r.output
 
 

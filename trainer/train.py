@@ -20,11 +20,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from packprep.config import check_types, setting
 from packprep.shards import atomic_file
 from trainer.data import IGNORE_INDEX, PackedShards
 from trainer.model import PRESETS, build_model, model_inputs, num_params
@@ -32,51 +34,39 @@ from trainer.varlen import BACKENDS, resolve_backend
 
 log = logging.getLogger(__name__)
 
+Device = Literal["auto", "cpu", "cuda"]
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}  # dense bf16
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    shards: str
-    """packprep output folder (the `packprep build` output) to train on."""
-    model: str = "tiny"
-    """'tiny' / 'small' (Llama-style, random weights, vocabulary sized to the shards), a local model folder, or a
-    hub name."""
-    steps: int = 100
-    """optimizer steps to run in total (a resumed run continues up to this step)."""
-    batch_tokens: int = 8192
-    """token budget of one micro-batch per rank (rows are added while the batch stays within it; >= seq_len)."""
-    grad_accum: int = 1
-    """micro-batches per optimizer step on each rank."""
-    lr: float = 3e-4
-    """peak learning rate (AdamW)."""
-    warmup_steps: int = 10
-    """linear warmup steps; cosine decay to 10% of lr afterwards."""
-    weight_decay: float = 0.1
-    """AdamW weight decay (not applied to biases and norms)."""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this value (0: off)."""
-    device: str = "auto"
-    """cpu, cuda, or auto (cuda when available)."""
-    attn: str = "auto"
-    """attention backend: auto, flash_attn, torch, sdpa."""
-    bf16: bool | None = None
-    """bf16 autocast (default: on for cuda, off for cpu)."""
-    seed: int = 0
-    """seed of the data order and of the preset models' initial weights."""
-    ckpt: str | None = None
-    """checkpoint folder (last.pt is written there every ckpt_every steps and at the end); None: no checkpoints."""
-    ckpt_every: int = 0
-    """steps between checkpoints (0: only at the end)."""
-    resume: bool = False
-    """continue from <ckpt>/last.pt."""
-    stop_at: int = 0
-    """stop after this step (0: at `steps`), checkpointing there; the schedule still spans `steps` (for jobs cut
-    into time-limited pieces)."""
-    log_every: int = 1
-    """steps between log lines."""
+    """One training run: shards -> model -> optimizer steps (each field is a `packprep train` option)."""
+
+    shards: str = setting(doc="packprep output folder (the `packprep build` output) to train on.")
+    model: str = setting("tiny", """'tiny' / 'small' (Llama-style, random weights, vocabulary sized to the shards), a
+        local model folder, or a hub name.""")
+    steps: int = setting(100, "Optimizer steps to run in total (a resumed run continues up to this step).")
+    batch_tokens: int = setting(8192, """Token budget of one micro-batch per rank (rows are added while the batch
+        stays within it; >= seq_len).""")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step on each rank.")
+    lr: float = setting(3e-4, "Peak learning rate (AdamW).")
+    warmup_steps: int = setting(10, "Linear warmup steps; cosine decay to 10% of lr afterwards.")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not applied to biases and norms).")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this value (0: off).")
+    device: Device = setting("auto", "cpu, cuda, or auto (cuda when available).")
+    attn: str = setting("auto", "Attention backend: auto, flash_attn, torch, sdpa.")
+    bf16: bool | None = setting(None, "bf16 autocast (default: on for cuda, off for cpu).")
+    seed: int = setting(0, "Seed of the data order and of the preset models' initial weights.")
+    ckpt: str | None = setting(None, """Checkpoint folder (last.pt is written there every ckpt_every steps and at the
+        end); none: no checkpoints.""")
+    ckpt_every: int = setting(0, "Steps between checkpoints (0: only at the end).")
+    resume: bool = setting(False, "Continue from <ckpt>/last.pt.")
+    stop_at: int = setting(0, """Stop after this step (0: at `steps`), checkpointing there; the schedule still spans
+        `steps` (for jobs cut into time-limited pieces).""")
+    log_every: int = setting(1, "Steps between log lines.")
 
     def __post_init__(self):
+        check_types(self)
         positive = {"steps": self.steps, "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum,
                     "log_every": self.log_every}
         for name, value in positive.items():
@@ -87,8 +77,6 @@ class TrainConfig:
         for name in ("warmup_steps", "ckpt_every", "stop_at", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}: choose cpu, cuda or auto")
         if self.attn not in BACKENDS:
             raise ValueError(f"attn={self.attn!r}: choose one of {', '.join(BACKENDS)}")
         if self.resume and not self.ckpt:

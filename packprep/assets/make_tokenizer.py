@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from packprep.sources import stdlib_corpus
+from packprep.inputs import stdlib_corpus
 
 VOCAB = 8192
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,8 +1,8 @@
-"""Tokenize: documents -> token ids + loss mask (+ EOS per document), spooled to disk one file set per task.
+"""The tokenizer (loading, encoding, chat templates, loss masks) and the tokenize stage: one input chunk -> spool.
 
     tok = Tokenizer(resolve_tokenizer("builtin", work))     # a Hugging Face fast tokenizer folder, no transformers
     ids, mask, lengths = tok.encode(docs)                    # flat int32 ids, flat uint8 mask, int32 per document
-    result = tokenize_task(task, ctx)                        # one ReadTask -> spool/t000012.{ids,mask,len}.npy
+    result = tokenize_task(task, ctx)                        # one ReadTask -> its spool files (packprep.spool)
 
 Cost: the tokenizer's own batch encode (Rust, one core per worker process) plus ~45 ns per token to copy the
 ids into numpy; chat adds one Jinja render per conversation. Memory per worker: one task's text and tokens (a few
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from packprep.shards import atomic_file, write_json_atomic
-from packprep.sources import Docs, ReadTask, Reject, read_task
+from packprep import spool
+from packprep.inputs import ReadTask
+from packprep.readers import read_task
+from packprep.records import Docs, Reject
 
 BUILTIN = Path(__file__).parent / "assets" / "tokenizer"
 GEN_OPEN, GEN_CLOSE = "\ue000", "\ue001"  # private-use code points bracketing {% generation %} output
@@ -290,17 +292,7 @@ class TokenizeContext:
 
     tokenizer: str  # local folder with tokenizer.json
     spool: str  # folder for the task outputs
-    on_error: str = "raise"  # a bad record: raise (RecordError) | skip (t<i>.rejects.jsonl, length -1)
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    index: int
-    docs: int
-    tokens: int
-    loss_tokens: int
-    rejected: int = 0
-    rejected_reasons: dict = field(default_factory=dict)  # kind -> records
+    on_error: str = "raise"  # a bad record: raise (RecordError) | skip (spooled as a reject, length -1)
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}  # per process; forked workers inherit the driver's (loading Qwen's: ~1 s)
@@ -311,49 +303,23 @@ def preload(tok: Tokenizer) -> None:
     _TOKENIZERS[str(tok.folder)] = tok
 
 
-def spool_paths(spool: str | Path, index: int) -> dict[str, Path]:
-    stem = Path(spool) / f"t{index:06d}"
-    return {k: stem.with_name(f"{stem.name}.{k}.npy") for k in ("ids", "mask", "len")} | {
-        "done": stem.with_name(f"{stem.name}.done.json"), "rejects": stem.with_name(f"{stem.name}.rejects.jsonl")}
+def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> spool.TaskResult:
+    """Read one task's records, tokenize them and spool ids/mask/lengths (`packprep.spool`, marker last).
 
-
-def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> TaskResult:
-    """Read one task's records, tokenize them and spool ids/mask/lengths; the `.done.json` marker comes last.
-
-    Idempotent: a task whose marker exists is not redone (what a resumed build relies on). Under on_error=skip a
-    bad record keeps its place in the lengths as -1 (so document indices stay those of the input records) and goes
-    to `t<i>.rejects.jsonl` (one JSON object per record, in record order), written before the marker.
+    Idempotent: a task the spool holds as finished is not redone (what a resumed build relies on). Under
+    on_error=skip a bad record keeps its place in the lengths as -1 (so document indices stay those of the input
+    records) and is spooled as a reject.
     """
-    paths = spool_paths(ctx.spool, task.index)
-    if paths["done"].exists():
-        return TaskResult(**json.loads(paths["done"].read_text()))
+    done = spool.finished(ctx.spool, task.index)
+    if done is not None:
+        return done
     tok = _TOKENIZERS.get(ctx.tokenizer) or _TOKENIZERS.setdefault(ctx.tokenizer, Tokenizer(ctx.tokenizer))
     rejects: list[Reject] | None = [] if ctx.on_error == "skip" else None
     parts = [tok.encode(docs) for docs in read_task(task, rejects=rejects) if len(docs)]
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     mask = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint8)
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
-    reasons: dict[str, int] = {}
     if rejects:
         at = np.array([r.index for r in rejects], np.int64)  # record positions, increasing
         lengths = np.insert(lengths, at - np.arange(len(at)), np.int32(-1))
-        for r in rejects:
-            reasons[r.kind] = reasons.get(r.kind, 0) + 1
-        write_text_atomic(paths["rejects"], "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
-                                                    for r in rejects))
-    for key, arr in (("ids", ids), ("mask", mask), ("len", lengths)):
-        save_atomic(paths[key], arr)
-    result = TaskResult(task.index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)), len(rejects or ()),
-                        dict(sorted(reasons.items())))
-    write_json_atomic(paths["done"], result.__dict__)
-    return result
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_file(path, "wb") as f:
-        f.write(text.encode("utf-8"))
-
-
-def save_atomic(path: Path, arr: np.ndarray) -> None:
-    with atomic_file(path) as f:
-        np.save(f, arr, allow_pickle=False)
+    return spool.write(ctx.spool, task.index, ids, mask, lengths, [r.to_json() for r in rejects or ()])

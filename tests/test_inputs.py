@@ -1,21 +1,15 @@
-"""Sources: input resolution (globs, folders, HF folders), task planning (chunking does not change documents),
-format detection and its errors."""
+"""Inputs: resolution (globs, folders, HF folders), task planning (the tail split), format detection and its
+errors, fingerprints."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from build_fixtures import texts, write_corpora
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from build_fixtures import texts
 
-from packprep.sources import plan_tasks, read_task, resolve_inputs
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-    return write_corpora(tmp_path_factory.mktemp("src"), n=50)
+from packprep.inputs import DEFAULT_CORPUS, fingerprint, plan_tasks, resolve_inputs
+from packprep.readers import read_task
 
 
 def docs_of(tasks):
@@ -24,26 +18,6 @@ def docs_of(tasks):
         for d in read_task(t, batch_rows=7):
             out += d.texts or d.chats or list(zip(d.prompts, d.completions))
     return out
-
-
-@pytest.mark.parametrize("fmt", ["text", "chat", "sharegpt", "hf", "prompt-completion", "alpaca"])
-def test_chunking_does_not_change_documents(corpora, fmt):
-    files = resolve_inputs([corpora[fmt]])
-    whole = plan_tasks(files, chunk_bytes=1 << 30)
-    small = plan_tasks(files, chunk_bytes=300)
-    assert len(small) >= len(whole)
-    assert docs_of(whole) == docs_of(small) and len(docs_of(whole)) == 50
-    if fmt in ("text", "chat", "sharegpt", "hf", "prompt-completion"):  # prompt-completion: a JSON array
-        assert len(small) > 1
-
-
-def test_jsonl_chunks_are_line_aligned(tmp_path):
-    lines = [json.dumps({"text": t}) + "\n" for t in texts(200, 3)]
-    p = tmp_path / "a.jsonl"
-    p.write_text("".join(lines))
-    for chunk in (1, 37, 100, 10_000):
-        tasks = plan_tasks(resolve_inputs([p]), chunk_bytes=chunk)
-        assert [d for t in tasks for b in read_task(t) for d in b.texts] == texts(200, 3)
 
 
 def test_globs_folders_and_order(corpora, tmp_path):
@@ -71,7 +45,7 @@ def test_format_detection_and_missing_fields(corpora):
 def test_empty_file_among_good_ones(corpora, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     files = resolve_inputs([tmp_path / "empty.jsonl", corpora["text"]])
-    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 50
+    assert len(docs_of(plan_tasks(files, chunk_bytes=1 << 20))) == 40
 
 
 def test_last_chunks_are_split_finer(tmp_path):
@@ -94,20 +68,42 @@ def test_last_chunks_are_split_finer(tmp_path):
     assert [d for t in tasks for b in read_task(t) for d in b.texts] == texts(300, 10) + texts(300, 11)
 
 
-_json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab,[]{}"\\: \n\u00e9', max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='k,]"\\', max_size=3), inner,
-                                                                  max_size=3),
-    max_leaves=8)
+def test_input_errors_are_one_line(corpora, tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found: .*nope.jsonl"):
+        resolve_inputs([tmp_path / "nope.jsonl"])
+    with pytest.raises(FileNotFoundError, match="no input matches"):
+        resolve_inputs([str(tmp_path / "*.parquet")])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes.txt: unknown input format '.txt'; expected one of .arrow, .csv"):
+        resolve_inputs([tmp_path / "notes.txt"])
+    with pytest.raises(ValueError, match="no input files found in"):
+        resolve_inputs([tmp_path])  # a folder holding only a .txt file
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict({"text": ["a"]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"dd is a DatasetDict folder; pass one split folder, e.g. .*dd/train"):
+        resolve_inputs([tmp_path / "dd"])
+    broken = tmp_path / "broken.arrow"
+    broken.write_bytes(b"ARROW1\0\0garbage")
+    with pytest.raises(ValueError, match=r"broken.arrow: cannot read as arrow: "):
+        plan_tasks(resolve_inputs([broken]), chunk_bytes=1 << 20)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=st.lists(_json_values, max_size=12), chunk=st.integers(1, 64), indent=st.sampled_from([None, 0, 2]))
-def test_json_array_ranges_parse_to_the_array(tmp_path, values, chunk, indent):
-    """Any JSON array (strings full of brackets, commas, quotes and backslashes), cut at any chunk size, parses
-    range by range to the same elements."""
-    from packprep.sources import _json_range, _json_ranges
+def test_json_suffix_holds_lines_or_an_array(tmp_path):
+    lines, array = tmp_path / "lines.json", tmp_path / "array.json"
+    lines.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(30, 1)))
+    array.write_text(" \n" + json.dumps([{"text": t} for t in texts(30, 1)]))
+    for p, kind in ((lines, "jsonl"), (array, "json")):
+        tasks = plan_tasks(resolve_inputs([p]), chunk_bytes=200)
+        assert {t.kind for t in tasks} == {kind} and len(tasks) > 1
+        assert docs_of(tasks) == texts(30, 1)
 
-    p = tmp_path / "a.json"
-    p.write_text(json.dumps(values, indent=indent, ensure_ascii=False))
-    assert [v for a, b in _json_ranges(p, chunk) for v in _json_range(p, a, b)] == values
+
+def test_fingerprint_follows_size_and_mtime(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"text": "a"}\n')
+    before = fingerprint(str(p))
+    assert before["files"] == [[str(p), p.stat().st_size, p.stat().st_mtime_ns]]
+    p.write_text('{"text": "ab"}\n')
+    assert fingerprint(str(p)) != before
+    assert set(fingerprint(DEFAULT_CORPUS)) == {"input", "python", "stdlib"}  # the stdlib is not listed file by file

@@ -1,0 +1,173 @@
+"""Inputs: input specs -> files -> read tasks, and what identifies them.
+
+    files = resolve_inputs(["data/*.jsonl", "hf_folder/"])          # globs, folders, HF save_to_disk folders
+    tasks = plan_tasks(files, chunk_bytes=2 << 20)                  # fixed byte/row-group chunks, format per file
+    for docs in read_task(tasks[0]): ...                            # packprep.readers: Docs batches
+
+A task is a deterministic slice of one file (JSONL: a newline-aligned byte range of ~chunk_bytes; JSON arrays: a
+range of whole elements; Parquet: row groups; Arrow: record batches; CSV: the whole file), so the split of work
+depends only on the inputs and `chunk_bytes`, never on the number of workers. Planning costs, per file, a peek at
+its first records (format detection) and its reader's cut (JSONL: one seek per chunk; JSON arrays: one byte scan;
+Parquet/Arrow: the footer or batch headers). `fingerprint` and TASK_PLAN_VERSION are part of a build's identity.
+With no inputs a build reads the embedded default corpus, `stdlib_corpus`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import sys
+import sysconfig
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from packprep.readers import READERS, SUFFIXES, hf, json_array, jsonl
+from packprep.readers.base import first_line, open_input
+from packprep.records import Format, resolve_format
+
+DEFAULT_CORPUS = "python-stdlib"  # the input name of the embedded default corpus
+TASK_PLAN_VERSION = 2  # part of a build's identity: spool files of another plan are never reused
+TAIL_CHUNKS, TAIL_SPLIT = 2, 4  # the last 2 chunks' worth of JSONL input is cut into quarter chunks
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One unit of tokenize work: records [start, stop) of one file (bytes, row groups or batches by kind)."""
+
+    index: int
+    path: str
+    kind: str  # jsonl | json | parquet | arrow | csv: a key of packprep.readers.READERS
+    start: int
+    stop: int
+    format: Format
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def resolve_inputs(inputs) -> list[tuple[Path, str]]:
+    """Expand paths, globs, folders and HF save_to_disk folders into (file, kind) in a stable order."""
+    files: list[tuple[Path, str]] = []
+    for spec in inputs:
+        spec = str(spec)
+        if any(c in spec for c in "*?["):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no input matches {spec!r}")
+            for m in matches:
+                files += _expand(Path(m))
+        else:
+            p = Path(spec)
+            if not p.exists():
+                raise FileNotFoundError(f"input not found: {spec}")
+            files += _expand(p, explicit=True)
+    if not files:
+        raise ValueError(f"no input files found in {', '.join(map(str, inputs))} "
+                         f"(looked for {', '.join(sorted(SUFFIXES))})")
+    return files
+
+
+def _expand(p: Path, explicit: bool = False) -> list[tuple[Path, str]]:
+    if p.is_file():
+        kind = file_kind(p) if explicit else SUFFIXES.get(p.suffix.lower())
+        return [(p, kind)] if kind and p.name not in hf.METADATA_FILES else []
+    data_files = hf.dataset_files(p)
+    if data_files is not None:
+        return [(f, "arrow") for f in data_files]
+    out = []
+    for child in sorted(p.iterdir()):
+        if not child.name.startswith((".", "_")):
+            out += _expand(child)
+    return out
+
+
+def file_kind(path: Path) -> str:
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown input format {path.suffix or '(no extension)'!r}; "
+                         f"expected one of {', '.join(sorted(SUFFIXES))}")
+    return kind
+
+
+def fingerprint(spec: str) -> dict:
+    """What identifies an input for 'is this the same build?': path, size and mtime of every file it names."""
+    if spec == DEFAULT_CORPUS:
+        return {"input": spec, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
+    files = resolve_inputs([spec])
+    return {"input": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in files]}
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+
+
+def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str = "auto", **fields) -> list[ReadTask]:
+    """Split files into read tasks and resolve each file's record format (raises on a missing field)."""
+    tasks: list[ReadTask] = []
+    for path, kind in files:
+        if path.stat().st_size == 0:
+            continue  # an empty file holds no records (it still counts as an input in the manifest)
+        with open_input(path) as f:
+            if kind == "json" and not json_array.is_array(f):
+                kind = "jsonl"
+            try:
+                schema, ranges = READERS[kind].plan(f, path, chunk_bytes)
+            except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
+        if schema is None:
+            continue  # no records (blank lines, an empty array): ignored like an empty file
+        fmt = resolve_format(path, schema, format, **fields)
+        tasks += [ReadTask(len(tasks) + k, str(path), kind, a, b, fmt) for k, (a, b) in enumerate(ranges)]
+    return _split_tail(tasks, chunk_bytes)
+
+
+def _split_tail(tasks: list[ReadTask], chunk_bytes: int) -> list[ReadTask]:
+    """Cut the last TAIL_CHUNKS x chunk_bytes of JSONL input into chunks of chunk_bytes / TAIL_SPLIT.
+
+    Workers take tasks in order, so the last ones run while the other workers have nothing left; quarter-size
+    tasks at the end shorten that idle tail four times. Depends only on the inputs and chunk_bytes (never on the
+    number of workers), like the rest of the plan; the output does not depend on the plan at all.
+    """
+    i, budget = len(tasks), TAIL_CHUNKS * chunk_bytes
+    while i > 0 and budget > 0 and tasks[i - 1].kind == "jsonl":
+        i -= 1
+        budget -= tasks[i].stop - tasks[i].start
+    small = max(1, chunk_bytes // TAIL_SPLIT)
+    tail = []
+    for t in tasks[i:]:
+        with open_input(t.path) as f:
+            tail += [replace(t, start=a, stop=b) for a, b in jsonl.line_cuts(f, t.start, t.stop, small)]
+    return [replace(t, index=k) for k, t in enumerate(tasks[:i] + tail)]
+
+
+# ---------------------------------------------------------------------------------------------------- default corpus
+
+
+def stdlib_corpus(out: Path) -> Path:
+    """The embedded default corpus: this Python's standard library sources as text documents, written once.
+
+    Each module is split into blocks (module header, each def/class/method), so documents range from a few
+    tokens to a few thousand; about 12 MB of real code and docstrings, read in about a second.
+    Deterministic for a given Python installation (files sorted; tests, site-packages and caches left out).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
+    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    if not files:
+        raise FileNotFoundError(f"no standard library sources under {root}; pass input files")
+    block = re.compile(r"\n\n(?=(?:    )?(?:def |class |async def |@))")  # a blank line, then a def/class/method
+    texts: list[str] = []
+    for p in files:
+        try:
+            src = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts += [f"# {p.relative_to(root)}\n{b.strip()}\n" for b in block.split(src) if b.strip()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.table({"text": texts}), tmp, row_group_size=512)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,46 @@
+"""CSV and TSV files (a header row, then records; values may hold quoted newlines): one task per file.
+
+pyarrow's streaming CSV reader parses the file in blocks (every column read as text); a row with the wrong number
+of columns is set aside by pyarrow and reported after the batch it was in, located by searching the file for its
+text (error path only). Rejects are located by 1-based line (exact unless a value holds a newline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+
+from packprep.readers.base import Part, line_of_text
+from packprep.records import RAW_PREFIX, BadRecord
+
+
+def plan(f: pa.NativeFile, path, chunk_bytes: int) -> tuple[pa.Schema | None, list[tuple[int, int]]]:
+    parse = _parse_options(path)
+    parse.invalid_row_handler = lambda row: "skip"  # the read reports bad rows
+    f.seek(0)
+    return pcsv.open_csv(f, parse_options=parse).schema, [(0, 1)]
+
+
+def read(f: pa.NativeFile, task) -> Iterator[Part]:
+    bad: list = []
+    parse = _parse_options(task.path)
+    parse.invalid_row_handler = lambda r: bad.append(r) or "skip"
+    as_text = pcsv.ConvertOptions(column_types={c: pa.string() for c in task.format.fields})
+    f.seek(0)
+    reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(use_threads=False), parse_options=parse,
+                           convert_options=as_text)
+    line = 2  # 1-based, after the header
+    for batch in reader:
+        yield Part(pa.Table.from_batches([batch]), lambda i, b=line: ("line", b + i, None))
+        line += batch.num_rows
+        for r in bad:  # rows with the wrong number of columns (placed after the batch they were in)
+            yield Part([BadRecord("bad_row", f"expected {r.expected_columns} columns, got {r.actual_columns}")],
+                       lambda i, t=r.text: ("line", line_of_text(task.path, t), t[:RAW_PREFIX]))
+        bad.clear()
+
+
+def _parse_options(path) -> pcsv.ParseOptions:
+    return pcsv.ParseOptions(delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ",", newlines_in_values=True)

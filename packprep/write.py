@@ -1,0 +1,137 @@
+"""The write stage: shard k's rows, gathered from the spool in plan order, -> data-<k>-of-<n>.arrow.
+
+    ctx = WriteContext(out, work, rows, rows_per_shard, num_shards, batch_rows)
+    info = write_shard_task(k, ctx)       # {"file", "rows", "tokens", "bytes", "sha256", "loss_tokens", "index"}
+
+One task per shard, idempotent: its marker OUT/.packprep-work/shards/s<k>.done.json comes after the shard file and
+records the file's size, so a resumed build keeps a shard only when both agree. Rows are gathered a record batch at a
+time (`batch_rows` rows, ~4M tokens) by one numba copy per spool task file; the shard is written by
+`shards.write_shard`. Cost: one pass over the row's tokens and mask, plus the page faults of reading the spool;
+memory: one record batch and one spool task file's pages (`spool.Reader.release`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from packprep import layout, spool
+from packprep.shards import atomic_file, make_batch, shard_name, write_json_atomic, write_shard
+from packprep.workdir import kill_hook
+
+BATCH_TOKENS = 4 << 20  # tokens per record batch: each gathers from every spool file, so larger means fewer faults
+
+
+@dataclass(frozen=True)
+class WriteContext:
+    """What every write task needs (small and picklable)."""
+
+    out: str
+    work: str
+    rows: int
+    rows_per_shard: int
+    num_shards: int
+    batch_rows: int
+
+    @classmethod
+    def plan(cls, out: Path, work: Path, rows: int, rows_per_shard: int, seq_len: int) -> WriteContext:
+        return cls(str(out), str(work), rows, rows_per_shard, -(-rows // rows_per_shard),
+                   max(1, BATCH_TOKENS // seq_len))
+
+
+def shard_done(ctx: WriteContext, index: int) -> dict | None:
+    """A finished shard's marker info: the marker exists and the shard file has the size it records."""
+    marker = Path(ctx.work) / "shards" / f"s{index:05d}.done.json"
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    path = Path(ctx.out) / info["file"]
+    return info if path.is_file() and path.stat().st_size == info["bytes"] else None
+
+
+def write_shard_task(index: int, ctx: WriteContext) -> dict:
+    """Gather shard `index`'s rows from the spool and write the shard; its `.done.json` marker comes last."""
+    done = shard_done(ctx, index)
+    if done is not None:
+        return done
+    work = Path(ctx.work)
+    lay, reader = layout.load(work / "layout"), spool.Reader(work / "spool")
+    lo, hi = index * ctx.rows_per_shard, min((index + 1) * ctx.rows_per_shard, ctx.rows)
+    loss = 0
+
+    def batches():
+        nonlocal loss
+        for b in range(lo, hi, ctx.batch_rows):
+            batch, loss_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, reader)
+            loss += loss_tokens
+            yield batch
+            kill_hook(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
+
+    info = {"index": index, **write_shard(Path(ctx.out) / shard_name(index, ctx.num_shards), batches()),
+            "loss_tokens": loss}
+    marker = work / "shards" / f"s{index:05d}.done.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, info)
+    return info
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: starts [10, 50], lengths [2, 3] -> [10, 11, 50, 51, 52]."""
+    total = int(lengths.sum())
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(starts - offsets, lengths) + np.arange(total)
+
+
+def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
+    """One record batch holding the given rows (plan row indices), tokens gathered from the spool, and its number
+    of loss tokens."""
+    from packprep._kernels import copy_pieces
+
+    ro = lay["row_offsets"]
+    counts = ro[rows + 1] - ro[rows]
+    pieces = _ranges(ro[rows], counts)
+    plen = np.asarray(lay["len"][pieces], dtype=np.int64)
+    ppos = np.asarray(lay["pos"][pieces])
+    row_piece_off = np.concatenate([[0], np.cumsum(counts)])
+    cum = np.concatenate([[0], np.cumsum(plen)])
+    ids = np.empty(int(cum[-1]), np.int32)
+    mask = np.empty(int(cum[-1]), np.uint8)
+    base = np.asarray(lay["task_token_base"])
+    ptask = np.searchsorted(base, ppos, side="right") - 1  # a piece never crosses a task: a doc is in one task
+    by_task = np.argsort(ptask, kind="stable")
+    bounds = np.flatnonzero(np.diff(ptask[by_task])) + 1
+    for group in np.split(by_task, bounds):
+        if not len(group):
+            continue
+        task = int(ptask[group[0]])
+        t_ids, t_mask = reader[task]
+        copy_pieces(t_ids, t_mask, ppos[group] - base[task], ids, mask, cum[:-1][group], plen[group])
+        reader.release(task)  # RSS: at most one task file's pages mapped at a time
+    batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
+    return batch, int(mask.sum(dtype=np.int64))
+
+
+def dataset_fingerprint(shards: list[dict]) -> str:
+    """sha256 over the shards' sha256s, in order: the build's one content hash."""
+    return hashlib.sha256("\n".join(s["sha256"] for s in shards).encode()).hexdigest()
+
+
+def write_rejects(out: Path, spool_folder: Path, results: list[spool.TaskResult]) -> dict[str, int]:
+    """OUT/rejects.jsonl: the tasks' rejects concatenated in task order (the same bytes for any --workers), written
+    to a temporary name and renamed; no rejects: no file. Returns the count of rejected records by kind."""
+    reasons: dict[str, int] = {}
+    path = out / "rejects.jsonl"
+    if not any(r.rejected for r in results):
+        path.unlink(missing_ok=True)
+        return reasons
+    with atomic_file(path) as f:
+        for r in results:
+            for kind, n in r.rejected_reasons.items():
+                reasons[kind] = reasons.get(kind, 0) + n
+            if r.rejected:
+                spool.copy_rejects(spool_folder, r.index, f)
+    return dict(sorted(reasons.items()))
