@@ -29,7 +29,8 @@ from packprep.shards import make_batch, shard_name, write_hf_metadata, write_sha
 from trainer import PackedShards, build_model, model_inputs
 from trainer.data import IGNORE_INDEX
 from trainer.model import num_params
-from trainer.train import PEAK_FLOPS, make_optimizer, train_step
+from trainer.optim import make_optimizer
+from trainer.train import PEAK_FLOPS, train_step
 
 HERE = Path(__file__).parent
 

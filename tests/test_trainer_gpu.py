@@ -107,11 +107,13 @@ def test_fp32_weights_under_autocast_use_the_fused_kernel(backend, monkeypatch):
 def test_train_step_on_cuda(tmp_path):
     from trainer_fixtures import random_lengths, write_packed
 
-    from trainer.train import TrainConfig, train
+    from trainer.train import PEAK_FLOPS, TrainConfig, train
 
     write_packed(tmp_path, random_lengths(300, 512, seed=2), 512, vocab=1000)
     metrics = train(TrainConfig(shards=str(tmp_path), model="tiny", steps=20, batch_tokens=2048, lr=3e-3,
                                 warmup_steps=2, device="cuda", attn="auto", log_every=1), echo=print)
     losses = [m["loss"] for m in metrics]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert "mfu" in metrics[-1] or "H100" not in torch.cuda.get_device_name()
+    if any(k in torch.cuda.get_device_name() for k in PEAK_FLOPS):  # a GPU whose peak is known reports MFU
+        assert all(0 < m["mfu"] < 1 for m in metrics)
+    assert all(m["fill"] <= 1 and m["data_s"] < m["step_s"] for m in metrics)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import one_torch_thread
+from trainer_fixtures import one_torch_thread, random_lengths, write_packed
 
 from trainer import build_model, model_inputs, varlen_attention
 from trainer.data import make_varlen_batch
-from trainer.train import loss_sum, make_optimizer, train_step
+from trainer.loss import CausalLMLoss, _LinearCrossEntropy, loss_sum
+from trainer.optim import make_optimizer
+from trainer.train import train_step
 from trainer.varlen import resolve_backend
 
 
@@ -150,8 +152,6 @@ def test_chunked_loss_equals_full_logits_loss():
     """CausalLMLoss (logits only at loss positions, a few tokens per chunk, gradients computed chunk by chunk) gives
     the loss and the gradients of full logits + cross-entropy; a micro-batch without loss tokens gives 0 and touches
     every parameter."""
-    from trainer.train import CausalLMLoss
-
     rng = np.random.default_rng(3)
     b, _, _ = packed_example(rng, docs=5)
     labels = b.labels.clone()
@@ -185,8 +185,6 @@ def test_chunked_loss_equals_full_logits_loss():
 def test_linear_cross_entropy_function_against_autograd(bias):
     """The fused head + cross-entropy (gradients computed in the forward pass) against F.linear + F.cross_entropy
     and autograd: loss, dh, dW, db; chunks of 3 rows; a frozen weight gets no gradient."""
-    from trainer.train import _LinearCrossEntropy
-
     g = torch.Generator().manual_seed(0)
     h = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -211,6 +209,38 @@ def test_build_model_errors(tmp_path):
         build_model("tiny", "xformers")
     with pytest.raises(ValueError, match="cannot load model"):
         build_model(str(tmp_path / "no-such-model"))
+
+
+def test_build_model_reads_the_manifest(tmp_path):
+    """Presets take the build tokenizer's vocabulary (not a default, not the largest id met); a pretrained model
+    with fewer embeddings than the tokenizer's vocabulary, or another tokenizer in its folder, is refused."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from packprep.tokenize import BUILTIN, tokenizer_sha256
+    from trainer.model import preset_config
+
+    builtin = tokenizer_sha256(BUILTIN)
+    out = tmp_path / "build"
+    write_packed(out, random_lengths(40, 64), 64, vocab=1500, tokenizer_sha256=builtin)
+    assert build_model("tiny", "sdpa", shards=out).get_input_embeddings().weight.shape[0] == 1536  # 1500 -> x64
+
+    def save(vocab, name, tokenizer=None):
+        folder = tmp_path / name
+        AutoModelForCausalLM.from_config(preset_config("tiny", vocab)).save_pretrained(folder)
+        if tokenizer:
+            shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
+        return str(folder)
+
+    assert build_model(save(1600, "fits", BUILTIN), "sdpa", shards=out).config.vocab_size == 1600
+    with pytest.raises(ValueError, match="has 1024 embeddings but the shards' tokenizer .* has 1500 tokens"):
+        build_model(save(1024, "small_vocab"), "sdpa", shards=out)
+    other = tmp_path / "other_tok"
+    shutil.copytree(BUILTIN, other)
+    (other / "tokenizer_config.json").write_text('{"model_max_length": 7}')
+    with pytest.raises(ValueError, match="holds a tokenizer .* other than the one that built the shards"):
+        build_model(save(1600, "other", other), "sdpa", shards=out)
 
 
 @pytest.mark.parametrize("style", ["window_size", "is_causal", "enable_gqa"])

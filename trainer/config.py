@@ -1,0 +1,89 @@
+"""TrainConfig: every setting of a training run, declared once (the `packprep train` options are generated from it).
+
+Owns the names, defaults, closed sets and validation of the training settings; imports neither torch nor
+transformers, so reading it (for `--help`) costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Attn = Literal["auto", "fa4", "flash_attn", "torch", "sdpa"]
+Device = Literal["auto", "cpu", "cuda"]
+ATTN_BACKENDS: tuple[str, ...] = get_args(Attn)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    shards: str
+    """packprep output folder (the `packprep build` output, with its packprep.json) to train on."""
+    model: str = "tiny"
+    """'tiny' / 'small' (Llama-style, random weights, vocabulary sized from the build's tokenizer), a local model
+    folder, or a hub name."""
+    steps: int = 100
+    """optimizer steps to run in total (a resumed run continues up to this step)."""
+    batch_tokens: int = 8192
+    """token budget of one micro-batch per rank (rows are added while the batch stays within it; >= seq_len)."""
+    grad_accum: int = 1
+    """micro-batches per optimizer step on each rank."""
+    lr: float = 3e-4
+    """peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """linear warmup steps; cosine decay to 10% of lr afterwards."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to biases and norms)."""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value (0: off)."""
+    device: Device = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    attn: Attn = "auto"
+    """attention backend: auto (fa4 on Hopper/Blackwell when installed, else flash_attn, torch, sdpa), fa4,
+    flash_attn, torch, sdpa."""
+    bf16: bool | None = None
+    """bf16 autocast (default: on for cuda, off for cpu)."""
+    seed: int = 0
+    """seed of the data order and of the preset models' initial weights."""
+    ckpt: str | None = None
+    """checkpoint folder (last.pt is written there every ckpt_every steps and at the end); None: no checkpoints."""
+    ckpt_every: int = 0
+    """steps between checkpoints (0: only at the end)."""
+    resume: bool = False
+    """continue from <ckpt>/last.pt."""
+    stop_at: int = 0
+    """stop after this step (0: at `steps`), checkpointing there; the schedule still spans `steps` (for jobs cut
+    into time-limited pieces)."""
+    log_every: int = 1
+    """steps between log lines."""
+    verify_shards: bool = False
+    """check every shard's sha256 against packprep.json before training (reads the whole corpus once)."""
+    compile: bool = False
+    """torch.compile the decoder once over static shapes: every batch is exactly batch_tokens long (the rest is one
+    filler document without loss)."""
+    balance: bool = False
+    """deal rows to ranks so that every rank's attention + token cost is equal within each global step (instead of
+    equal token counts); helps data parallelism at long context."""
+    balance_alpha: float = 4096.0
+    """the cost of one token in units of one (query, key) attention pair: a row costs alpha * sum(l) + sum(l^2)
+    (calibrate per model and GPU with benchmarks/bench_train.py's row costs)."""
+    balance_window: int = 64
+    """global steps whose rows are balanced together (larger: closer balance, rows move further from their shuffled
+    position)."""
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every, "balance_window": self.balance_window}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        for name in ("warmup_steps", "ckpt_every", "stop_at", "grad_clip", "weight_decay", "balance_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.device not in get_args(Device):
+            raise ValueError(f"device={self.device!r}: choose cpu, cuda or auto")
+        if self.attn not in ATTN_BACKENDS:
+            raise ValueError(f"attn={self.attn!r}: choose one of {', '.join(ATTN_BACKENDS)}")
+        if self.resume and not self.ckpt:
+            raise ValueError("--resume needs --ckpt DIR (the folder holding last.pt)")
