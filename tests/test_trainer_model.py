@@ -297,3 +297,49 @@ def test_sliding_window_models_are_exact_or_refused(tmp_path, window):
         packed = model(**model_inputs(batch)).logits[0]
         per_doc = torch.cat([ref(input_ids=torch.tensor(tokens[a:b])[None]).logits[0] for a, b in zip(cu[:-1], cu[1:])])
     assert rel(packed, per_doc) < 1e-4
+
+
+def test_fa4_custom_op_plumbing(monkeypatch):
+    """The fa4 backend's custom ops (forward, backward, autograd wiring, CPU-scalar max_seqlen) on the CPU, with
+    FlashAttention-4's two entry points replaced by the per-document reference (the real kernels: test_trainer_gpu)."""
+    import trainer.varlen as varlen
+
+    calls = []
+
+    def fwd(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, return_lse):
+        calls.append(("fwd", max_seqlen_q, q.shape[1] // k.shape[1]))
+        assert isinstance(max_seqlen_q, int) and return_lse
+        out = varlen.sdpa_reference(q, k, v, cu_seqlens_q, causal, softmax_scale)
+        return out, torch.zeros(q.shape[1], q.shape[0]), None, None, None
+
+    def bwd(q, k, v, out, dout, lse, scale, causal, softcap, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k):
+        calls.append(("bwd", max_seqlen_q, softcap))
+        groups = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):  # softmax attention's gradients
+            qd = q[a:b].transpose(0, 1)
+            kd, vd = (x[a:b].transpose(0, 1).repeat_interleave(groups, 0) for x in (k, v))
+            p = (qd @ kd.transpose(1, 2) * scale).masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1),
+                                                              float("-inf")).softmax(-1)
+            do = dout[a:b].transpose(0, 1)
+            dp = do @ vd.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+            dq[a:b] = (ds @ kd).transpose(0, 1)
+            dk[a:b] = (ds.transpose(1, 2) @ qd).unflatten(0, (-1, groups)).sum(1).transpose(0, 1)
+            dv[a:b] = (p.transpose(1, 2) @ do).unflatten(0, (-1, groups)).sum(1).transpose(0, 1)
+        return dq, dk, dv
+
+    monkeypatch.setattr(varlen, "_fa4", lambda: (fwd, bwd))
+    monkeypatch.setattr(varlen, "resolve_backend", lambda backend, device, dtype: backend)  # fa4 needs a GPU
+    rng = np.random.default_rng(5)
+    cu, mx = random_cu(rng, 5, 20)
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    out = varlen.varlen_attention(q, k, v, cu, torch.tensor(mx, dtype=torch.int32), backend="fa4")
+    ref = reference_attention(q, k, v, cu, causal=True)
+    assert rel(out, ref) < 1e-10
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel(a, b) < 1e-10
+    assert calls == [("fwd", mx, 2), ("bwd", mx, 0.0)]  # native GQA: k/v reach the kernel with 2 heads, not 4

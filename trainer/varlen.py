@@ -167,7 +167,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if not isinstance(max_seqlen, torch.Tensor):
             max_seqlen = torch.tensor(int(max_seqlen), dtype=torch.int32)
         scale = scale if scale is not None else q.shape[-1] ** -0.5
-        return _fa4_fwd(q, k, v, cu_seqlens, max_seqlen, causal, float(scale))[0]
+        return _fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen, causal,
+                        float(scale))[0]
     max_seqlen = int(max_seqlen)
     if backend == "flash_attn":
         return _flash_attn_func()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
