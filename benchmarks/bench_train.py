@@ -264,6 +264,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+        if args.out:  # after every mode: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     by = {r["mode"]: r for r in results if "error" not in r}
     summary = {f"{x}_over_{y}": by[x]["useful_tok_s"] / by[y]["useful_tok_s"]
                for x in ("b", "bc") for y in ("a", "g", "f", "fc") if x in by and y in by}

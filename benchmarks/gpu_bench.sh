@@ -18,7 +18,7 @@ stock)
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   } 2>&1 | tee "$OUT/env.txt"
   for m in small 1b; do
-    python3 benchmarks/bench_train.py --model "$m" --modes a,g,f,fc,b --attn torch --f-attn torch \
+    timeout 280 python3 benchmarks/bench_train.py --model "$m" --modes a,g,f,b,fc --attn torch --f-attn torch \
       --out "$OUT/stock_$m.json" 2>&1 | tail -40 | tee -a "$OUT/stock_log.txt"
   done ;;
 fa4)
