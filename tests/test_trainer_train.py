@@ -100,6 +100,16 @@ def _write(folder, data: bytes):
     return folder / "last.pt"
 
 
+def test_balance_reports_the_imbalance_it_removes(shards):
+    from trainer.data import PackedShards
+    from trainer.train import _imbalance_line
+
+    ds = PackedShards(shards, 2 * SEQ, world_size=2, balance=True, balance_alpha=8.0, balance_window=8)
+    line = _imbalance_line(ds)
+    before, after = (float(x) for x in line.split("per step ")[1].split(" balanced")[0].split(" dealt by tokens -> "))
+    assert after < before and after < 1.05, line
+
+
 def test_epochs_roll_over(shards):
     metrics = train(cfg(shards, steps=40, batch_tokens=6 * SEQ, log_every=10), echo=lambda *a: None)
     assert [m["step"] for m in metrics] == [10, 20, 30, 40]  # more steps than one epoch holds

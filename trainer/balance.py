@@ -2,16 +2,17 @@
 
 Attention costs grow with the square of each document's length, so rows of equal token counts are unequal work at
 long context, and every rank waits for the slowest one at the gradient all-reduce. A row's cost is modelled as
-`alpha * tokens + sum(doc_len^2)` (alpha: the cost of one token's linear layers in units of one (query, key) pair,
-calibrated per model and GPU). `balanced_plan` takes the epoch's seeded row order and, window by window (the rows of
-`window` token-budget steps), assigns rows to `window * world` batches by largest cost first into the cheapest batch
-with room (LPT), groups batches of near-equal cost into steps, and shuffles the steps. Every row lands in exactly one
-batch per epoch: rows that fit nowhere move to the next window, and the last window grows by whole steps (only when
-the epoch's last rows cannot give every rank a batch is that incomplete step left out, as the token plan drops its
-tail batches). The plan depends only on the seed and epoch (resuming recomputes it); no batch exceeds the budget.
+`alpha * tokens + sum(doc_len^2)` (alpha: the cost of one token's linear layers relative to one unit of sum(l^2),
+calibrated per model and GPU by benchmarks/bench_balance.py). `balanced_plan` takes the epoch's seeded row order
+and, window by window (the rows of `window` token-budget steps), assigns rows to `window * world` batches by largest
+cost first into the cheapest batch with room (LPT), groups batches of near-equal cost into steps, and shuffles the
+steps. Every row lands in exactly one batch per epoch: rows that fit nowhere move to the next window, and the last
+window grows by whole steps (only when the epoch's last rows cannot give every rank a batch is that incomplete step
+left out, as the token plan drops its tail batches). The plan depends only on the seed and the epoch (resuming
+recomputes it), and no batch exceeds the token budget.
 
-Costs: O(rows log rows + rows * window * world) Python steps per epoch, on the row lengths and costs only (no token
-is read); benchmarks/bench_balance.py times it.
+Costs: O(rows log rows + rows * window * world) Python steps per epoch, over the row lengths and costs only (no
+token is read).
 """
 
 from __future__ import annotations

@@ -63,9 +63,10 @@ class TrainConfig:
     balance: bool = False
     """deal rows to ranks so that every rank's attention + token cost is equal within each global step (instead of
     equal token counts); helps data parallelism at long context."""
-    balance_alpha: float = 4096.0
-    """the cost of one token in units of one (query, key) attention pair: a row costs alpha * sum(l) + sum(l^2)
-    (calibrate per model and GPU with benchmarks/bench_train.py's row costs)."""
+    balance_alpha: float = 27500.0
+    """the cost of one token relative to one unit of sum(l^2): a row costs alpha * sum(l) + sum(l^2). It
+    depends on the model and GPU: benchmarks/bench_balance.py measures it (the default is its figure for the
+    `small` preset on an H200; RESULTS.md)."""
     balance_window: int = 64
     """global steps whose rows are balanced together (larger: closer balance, rows move further from their shuffled
     position)."""

@@ -191,7 +191,7 @@ class PackedShards(torch.utils.data.IterableDataset):
 
     def __init__(self, path: str | Path, batch_tokens: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  epoch: int = 0, *, verify: bool = False, static: bool = False, balance: bool = False,
-                 balance_alpha: float = 4096.0, balance_window: int = 64):
+                 balance_alpha: float = 27500.0, balance_window: int = 64):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
         if batch_tokens < 1:

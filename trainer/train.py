@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,6 +80,8 @@ def train(cfg: TrainConfig, echo=print) -> list[dict]:
         f"{'bf16' if bf16 else 'fp32'}, {device}, {world} rank(s){', compiled' if cfg.compile else ''}; data "
         f"{ds.num_rows} rows, {ds.num_tokens} tokens, {ds.num_batches()} batches/rank/epoch"
         f"{', balanced' if cfg.balance else ''}")
+    if cfg.balance and world > 1:
+        say(_imbalance_line(ds))
     batches = _stream(ds)
     metrics: list[dict] = []
 
@@ -177,6 +180,19 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+def _imbalance_line(ds: PackedShards) -> str:
+    """The epoch's per-step max/mean rank cost, rows dealt by tokens against the balanced plan."""
+    from trainer.balance import step_imbalance, token_plan
+
+    order, bounds = ds._plan(ds.epoch)
+    base = np.random.default_rng([ds.seed, ds.epoch]).permutation(ds.num_rows)
+    costs = ds.row_costs()
+    before = step_imbalance(base, token_plan(ds.row_lengths[base], ds.batch_tokens), costs, ds.world_size)
+    after = step_imbalance(order, bounds, costs, ds.world_size)
+    return (f"balance: rank cost max/mean per step {before.mean():.3f} dealt by tokens -> {after.mean():.3f} "
+            f"balanced (worst step {before.max():.3f} -> {after.max():.3f}; alpha {ds.balance_alpha:g})")
 
 
 def _stream(ds: PackedShards):
