@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -48,6 +49,10 @@ def _die_with(driver_pid: int | None) -> None:
         return
     if driver_pid is not None and os.getppid() != driver_pid:  # the driver died before prctl took effect
         os._exit(1)
+
+
+class WorkerDiedError(OSError):
+    """A worker process was killed (the OOM killer, a signal, a crash in native code); the build is resumable."""
 
 
 class LocalExecutor:
@@ -85,6 +90,10 @@ class LocalExecutor:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     yield from (f.result() for f in done)
+            except BrokenProcessPool:
+                raise WorkerDiedError("a worker process died (killed by the OS: out of memory? `dmesg` tells); rerun "
+                                      "the same command to resume (finished tasks are kept), with fewer --workers if "
+                                      "memory is short") from None
             except BaseException:
                 for f in pending:
                     f.cancel()
