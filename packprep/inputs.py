@@ -201,7 +201,8 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
                 kind = "jsonl"
             try:
                 schema, ranges = READERS[kind].plan(f, path, chunk_bytes)
-            except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, json.JSONDecodeError, UnicodeDecodeError,
+                    RecursionError) as e:
                 raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
         if schema is None:
             continue  # no records (blank lines, an empty array): ignored like an empty file
