@@ -338,7 +338,8 @@ def test_shard_rewritten_from_a_spool_left_behind(tmp_path, monkeypatch):
     (lambda out: (out / "dataset_info.json").write_text(json.dumps(
         {"features": {"input_ids": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"}}})),
      "dataset_info.json"),
-    (lambda out: (out / "state.json").unlink(), "state.json"),
+    (lambda out: (out / "state.json").write_text(json.dumps(  # load_from_disk: KeyError '_split'
+        {k: v for k, v in json.loads((out / "state.json").read_text()).items() if k != "_split"})), "state.json"),
 ])
 def test_verify_checks_what_load_from_disk_reads(built, damage, check):
     _, out = built
@@ -348,7 +349,7 @@ def test_verify_checks_what_load_from_disk_reads(built, damage, check):
 
 
 @pytest.mark.parametrize("edit", [
-    lambda m: [1, 2], lambda m: {**m, "shards": [1]}, lambda m: {**m, "counts": {**m["counts"], "dropped": 3}},
+    lambda m: {**m, "counts": {**m["counts"], "dropped": 3}},
     lambda m: {**m, "counts": {**m["counts"], "rejected_reasons": [1]}},
     lambda m: {**m, "counts": {**m["counts"], "input_docs": -1}},
     lambda m: {**m, "counts": {**m["counts"], "input_docs": 10**15}},
