@@ -136,10 +136,13 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     if saved is None:
         lengths = spool.lengths(spool_dir, len(tasks))
         if not (lengths > 0).any():
-            rejected = write_rejects(out, spool_dir, results)
+            rejected = write_rejects(out, spool_dir, results)  # every record rejected: not an "empty corpus"
+            if not rejected:
+                raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in "
+                                 f"{', '.join(inputs)}")
             raise ValueError(f"no document with any tokens in {', '.join(inputs)}: {len(lengths)} records, "
-                             f"{int((lengths == 0).sum())} empty, {int((lengths < 0).sum())} rejected {rejected or ''}"
-                             + (f"; see {out / 'rejects.jsonl'}" if rejected else ""))
+                             f"{int((lengths == 0).sum())} empty, {int((lengths < 0).sum())} rejected "
+                             f"({', '.join(f'{k}: {n}' for k, n in rejected.items())}); see {out / 'rejects.jsonl'}")
         lay, counts, stats = layout.plan(lengths, config)
         layout.save(work / "layout", lay, np.array([r.tokens for r in results], np.int64), counts, stats)
         del lengths, lay

@@ -7,8 +7,9 @@ The build calls stage functions `fn(task, ctx) -> result` that are pure module-l
 task index itself, so any executor that runs each task once gives the same bytes. `LocalExecutor` runs them in this
 process (workers=1) or in a pool of worker processes (fork on Linux: a worker starts in milliseconds; the
 workers inherit the tokenizer the driver loaded, and a spawned or Ray worker loads its own on its first task;
-`TOKENIZERS_PARALLELISM=false` so each worker uses one core). A cluster
-executor (Ray) implements the same `imap`. Costs: one pickle of (task, ctx) and of the small result per task.
+`TOKENIZERS_PARALLELISM=false` so each worker uses one core). A cluster executor (Ray) implements the same `imap`.
+A worker killed by the OS (the OOM killer) ends the build with `WorkerDiedError`, one line that says to rerun the
+same command. Costs: one pickle of (task, ctx) and of the small result per task.
 """
 
 from __future__ import annotations

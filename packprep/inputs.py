@@ -9,6 +9,13 @@ range of whole elements; Parquet: row groups; Arrow: record batches; CSV: the wh
 depends only on the inputs and `chunk_bytes`, never on the number of workers. Planning costs, per file, a peek at
 its first records (format detection) and its reader's cut (JSONL: one seek per chunk; JSON arrays: one byte scan;
 Parquet/Arrow: the footer or batch headers). `fingerprint` and TASK_PLAN_VERSION are part of a build's identity.
+
+Nothing is skipped without a word: `expand_inputs` returns the files a folder or glob held that it left out, each
+with its reason (hidden, not an input format, metadata, not listed by a save_to_disk folder's state.json), which the
+build logs and records in the manifest. Inputs are identified by content (`content_hash`: xxh3-128, or blake2b
+without xxhash), not by size and mtime, which `cp -p` and `rsync -t` keep: a build reads every input once more for
+it at the start, and once after tokenizing (`changed_inputs`), so an input changed under the build is an error,
+not half a corpus.
 With no inputs a build reads the embedded default corpus, `stdlib_corpus`.
 """
 

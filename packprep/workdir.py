@@ -11,7 +11,11 @@ marker last (their formats live with their stages: `spool`, `layout`, `write`); 
 folder without it is unfinished. The work folder records the identity its work was made with (settings that change
 bytes, the task split, input fingerprints, the tokenizer's content): the same identity is resumed, another one is
 refused while it holds finished tasks, unless --overwrite. Either way `*.tmp*` files of killed writers are deleted
-before anything runs. Cost: a stat per input file for the fingerprints and a glob of the work folder.
+before anything runs: only packprep's own names (`OWN_FILE`), so a user's `notes.tmp.txt` in OUT stays. On a
+finished build, `check_shards` compares the shards with the manifest (sizes; sha256 with --check full). The on-error
+mode is not part of the identity: a task finished under raise had no bad record, so it is the same under skip (the
+build redoes, under raise, the tasks that set records aside under skip). Cost: a glob of the work folder (the input
+content hashes are computed by `inputs.fingerprint`).
 """
 
 from __future__ import annotations
