@@ -25,7 +25,17 @@ import packprep
 from packprep import layout, spool, workdir
 from packprep.config import BuildConfig
 from packprep.executor import Executor, make_executor
-from packprep.inputs import DEFAULT_CORPUS, TASK_PLAN_VERSION, fingerprint, plan_tasks, resolve_inputs, stdlib_corpus
+from packprep.inputs import (
+    DEFAULT_CORPUS,
+    TASK_PLAN_VERSION,
+    changed_inputs,
+    check_apart,
+    expand_inputs,
+    fingerprint,
+    plan_tasks,
+    resolve_inputs,
+    stdlib_corpus,
+)
 from packprep.report import Progress
 from packprep.shards import FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
 from packprep.tokenizer import (
@@ -67,11 +77,16 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
 def _build(config: BuildConfig, progress: Progress, executor: Executor) -> BuildResult:
     out, t0, timings = Path(config.out), time.perf_counter(), {}
     inputs = list(config.inputs) or [DEFAULT_CORPUS]
-    files = resolve_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
-    fingerprints = [fingerprint(s) for s in inputs]
+    expansion = expand_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
+    files = expansion.files if expansion else None
+    if expansion:
+        check_apart(inputs, files, out)
+        _log_expansion(progress, expansion)
+    fingerprints = [fingerprint(s) for s in inputs]  # content hashes: a rewritten input is another build
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
     previous = workdir.check_out(out, config, ident)
     if previous is not None:
+        _check_finished(out, previous, config, progress)
         workdir.finish(out)  # a build killed after its manifest, before its work folder was removed
         return BuildResult(out, previous, already_built=True)
     resumed = workdir.prepare(out, ident, config.overwrite, progress)
@@ -82,7 +97,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         progress.log("no inputs given: building the embedded default corpus (this Python's standard library)")
         files = resolve_inputs([stdlib_corpus(work / "python-stdlib.parquet")])
     tok_dir = resolve_tokenizer(config.tokenizer, work)
-    tok = Tokenizer(tok_dir)
+    tok = _load_tokenizer(tok_dir)
     preload(tok)
     tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
                        prompt_field=config.prompt_field, completion_field=config.completion_field,
@@ -95,14 +110,23 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     t = time.perf_counter()
     spool_dir = work / "spool"
     spool_dir.mkdir(parents=True, exist_ok=True)
+    if config.on_error == "raise":  # tasks that set records aside under skip are redone: raise stops at them
+        for i in range(len(tasks)):
+            if getattr(spool.finished(spool_dir, i), "rejected", 0):
+                spool.paths(spool_dir, i)["done"].unlink()
     reused = {"tokenize_tasks": sum(spool.finished(spool_dir, i) is not None for i in range(len(tasks)))}
     results: list[spool.TaskResult] = [None] * len(tasks)
     ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error)
-    with progress.stage("tokenize", len(tasks), "chunks") as bar:
-        for n, r in enumerate(executor.imap(tokenize_task, tasks, ctx), 1):
-            results[r.index] = r
-            bar.advance(1, docs=r.docs, tokens=r.tokens)
-            kill_hook(f"tokenize:{n}")
+    try:
+        with progress.stage("tokenize", len(tasks), "chunks") as bar:
+            for n, r in enumerate(executor.imap(tokenize_task, tasks, ctx), 1):
+                results[r.index] = r
+                bar.advance(1, docs=r.docs, tokens=r.tokens)
+                kill_hook(f"tokenize:{n}")
+    except (ValueError, OSError):  # an input truncated under a reader reads as a bad record or a dead worker
+        _check_unchanged(fingerprints)
+        raise
+    _check_unchanged(fingerprints)  # a second hash pass: what was read is what the identity names
     timings["tokenize"] = time.perf_counter() - t
 
     # layout: lengths -> long-doc policy -> pack -> row order, saved for the write tasks (reused on resume)
@@ -112,13 +136,20 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     if saved is None:
         lengths = spool.lengths(spool_dir, len(tasks))
         if not (lengths > 0).any():
-            raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in {', '.join(inputs)}")
+            rejected = write_rejects(out, spool_dir, results)  # every record rejected: not an "empty corpus"
+            if not rejected:
+                raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in "
+                                 f"{', '.join(inputs)}")
+            raise ValueError(f"no document with any tokens in {', '.join(inputs)}: {len(lengths)} records, "
+                             f"{int((lengths == 0).sum())} empty, {int((lengths < 0).sum())} rejected "
+                             f"({', '.join(f'{k}: {n}' for k, n in rejected.items())}); see {out / 'rejects.jsonl'}")
         lay, counts, stats = layout.plan(lengths, config)
         layout.save(work / "layout", lay, np.array([r.tokens for r in results], np.int64), counts, stats)
         del lengths, lay
     else:
         counts, stats = saved
     if counts["rows"] == 0:
+        write_rejects(out, spool_dir, results)
         raise ValueError(f"nothing left to pack: all {counts['input_docs']} documents were dropped or rejected "
                          f"(dropped {counts['dropped']}, rejected {counts['rejected']}); see --long-docs / --on-error")
     kill_hook("pack")
@@ -152,7 +183,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         "config": config.to_dict(),
         "tokenizer": {"name": config.tokenizer, "sha256": tokenizer_sha256(tok_dir), "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id},
-        "inputs": _input_records(fingerprints, files, tasks, results),
+        "inputs": _input_records(fingerprints, files, tasks, results, expansion),
         "seq_len": config.seq_len,
         "strategy": config.strategy,
         "seed": config.seed,
@@ -170,8 +201,57 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     return BuildResult(out, manifest)
 
 
-def _input_records(fingerprints, files, tasks, results) -> dict:
-    """{"specs": what was asked for (path, size, mtime of each file), "files": per file kind, format, docs}."""
+def _log_expansion(progress: Progress, expansion) -> None:
+    """The files taken, and each one left out with its reason (also in the manifest); silent when none was."""
+    if not expansion.ignored:
+        return
+    left = "".join(f"\n  left out {p}: {why}" for p, why in expansion.ignored)
+    progress.log(f"inputs: {len(expansion.files)} file(s) taken, {len(expansion.ignored)} left out{left}")
+
+
+def _check_unchanged(fingerprints: list[dict]) -> None:
+    changed = changed_inputs(fingerprints)
+    if changed:
+        raise ValueError(f"input changed while the build read it: {'; '.join(changed[:3])}; rerun when the input is "
+                         "final (--overwrite builds from its new content)")
+
+
+def _load_tokenizer(tok_dir: Path) -> Tokenizer:
+    try:
+        return Tokenizer(tok_dir)
+    except (ValueError, ImportError, OSError):
+        raise
+    except Exception as e:  # the tokenizers library raises a bare Exception on a truncated or foreign file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{tok_dir}: cannot load the tokenizer ({reason}); is tokenizer.json complete and valid "
+                         "JSON? Copy it again or pass another --tokenizer") from None
+
+
+def _check_finished(out: Path, manifest: dict, config: BuildConfig, progress: Progress) -> None:
+    """A finished build's shards are what its manifest records (sizes; sha256 with --check full). A bad one is
+    rewritten from the spool when a build killed before deleting it left it, else refused in one line."""
+    bad = workdir.check_shards(out, manifest, config.check == "full")
+    if not bad:
+        return
+    work = workdir.path(out)
+    if (work / "spool").is_dir() and layout.saved(work / "layout") is not None:
+        names = [s["file"] for s in manifest["shards"]]
+        wctx = WriteContext.plan(out, work, manifest["counts"]["rows"], config.rows_per_shard, config.seq_len)
+        for problem in bad:
+            k = names.index(problem.split(":")[0])
+            (work / "shards" / f"s{k:05d}.done.json").unlink(missing_ok=True)
+            write_shard_task(k, wctx)
+            progress.log(f"{problem}: rewritten from the spool")
+        bad = workdir.check_shards(out, manifest, True)
+        if not bad:
+            return
+    raise ValueError(f"{out} holds this build, but {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; rerun "
+                     "with --overwrite to rebuild it (packprep verify lists every problem)")
+
+
+def _input_records(fingerprints, files, tasks, results, expansion=None) -> dict:
+    """{"specs": what was asked for (path, size, content hash of each file), "files": per file kind, format, docs,
+    "ignored": each file a folder or glob held that was left out, with the reason}."""
     docs: dict[str, int] = {}
     fmt: dict[str, str] = {}
     for task, r in zip(tasks, results):
@@ -179,4 +259,5 @@ def _input_records(fingerprints, files, tasks, results) -> dict:
         fmt[task.path] = task.format.name
     return {"specs": fingerprints,
             "files": [{"path": str(f), "kind": k, "format": fmt.get(str(f)), "docs": docs.get(str(f), 0),
-                       "bytes": f.stat().st_size} for f, k in files]}
+                       "bytes": f.stat().st_size} for f, k in files],
+            "ignored": [{"path": p, "reason": why} for p, why in (expansion.ignored if expansion else [])]}

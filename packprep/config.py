@@ -24,6 +24,7 @@ LongDocs = Literal["truncate", "split", "drop"]
 RecordFormat = Literal["auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca"]
 OnError = Literal["raise", "skip"]
 Executor = Literal["local", "ray"]
+Check = Literal["size", "full"]
 INT32_MAX = 2**31 - 1
 DEFAULT_OUT = "packprep_out"
 DEFAULT_TOKENIZER = "builtin"  # packprep/assets/tokenizer: the byte-level BPE the project trains itself
@@ -80,6 +81,8 @@ class BuildConfig:
     chunk_bytes: int = setting(2 << 20, """Input bytes per tokenize task (the unit of parallel work; the output does
         not depend on it).""")
     overwrite: bool = setting(False, "Replace a finished build in `out` made with other settings or inputs.")
+    check: Check = setting("size", """On a folder holding this build already: check its shards' sizes (size) or also
+        their sha256 (full) before saying so.""")
     executor: Executor = setting("local", """Where tokenize and write tasks run: local (worker processes) or ray (a
         Ray cluster; same bytes).""")
     ray_address: str | None = setting(None, """Ray cluster to join with --executor ray ('auto', 'HOST:6379',
@@ -117,7 +120,7 @@ class BuildConfig:
     def output_keys(self) -> dict:
         """The settings the output bytes depend on (workers and chunk size do not change a byte)."""
         d = self.to_dict()
-        for k in ("workers", "chunk_bytes", "out", "overwrite", "executor", "ray_address"):
+        for k in ("workers", "chunk_bytes", "out", "overwrite", "check", "executor", "ray_address"):
             d.pop(k)
         return d
 

@@ -7,8 +7,9 @@ The build calls stage functions `fn(task, ctx) -> result` that are pure module-l
 task index itself, so any executor that runs each task once gives the same bytes. `LocalExecutor` runs them in this
 process (workers=1) or in a pool of worker processes (fork on Linux: a worker starts in milliseconds; the
 workers inherit the tokenizer the driver loaded, and a spawned or Ray worker loads its own on its first task;
-`TOKENIZERS_PARALLELISM=false` so each worker uses one core). A cluster
-executor (Ray) implements the same `imap`. Costs: one pickle of (task, ctx) and of the small result per task.
+`TOKENIZERS_PARALLELISM=false` so each worker uses one core). A cluster executor (Ray) implements the same `imap`.
+A worker killed by the OS (the OOM killer) ends the build with `WorkerDiedError`, one line that says to rerun the
+same command. Costs: one pickle of (task, ctx) and of the small result per task.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -48,6 +50,10 @@ def _die_with(driver_pid: int | None) -> None:
         return
     if driver_pid is not None and os.getppid() != driver_pid:  # the driver died before prctl took effect
         os._exit(1)
+
+
+class WorkerDiedError(OSError):
+    """A worker process was killed (the OOM killer, a signal, a crash in native code); the build is resumable."""
 
 
 class LocalExecutor:
@@ -85,6 +91,10 @@ class LocalExecutor:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     yield from (f.result() for f in done)
+            except BrokenProcessPool:
+                raise WorkerDiedError("a worker process died (killed by the OS: out of memory? `dmesg` tells); rerun "
+                                      "the same command to resume (finished tasks are kept), with fewer --workers if "
+                                      "memory is short") from None
             except BaseException:
                 for f in pending:
                     f.cancel()

@@ -9,17 +9,25 @@ range of whole elements; Parquet: row groups; Arrow: record batches; CSV: the wh
 depends only on the inputs and `chunk_bytes`, never on the number of workers. Planning costs, per file, a peek at
 its first records (format detection) and its reader's cut (JSONL: one seek per chunk; JSON arrays: one byte scan;
 Parquet/Arrow: the footer or batch headers). `fingerprint` and TASK_PLAN_VERSION are part of a build's identity.
+
+Nothing is skipped without a word: `expand_inputs` returns the files a folder or glob held that it left out, each
+with its reason (hidden, not an input format, metadata, not listed by a save_to_disk folder's state.json), which the
+build logs and records in the manifest. Inputs are identified by content (`content_hash`: xxh3-128, or blake2b
+without xxhash), not by size and mtime, which `cp -p` and `rsync -t` keep: a build reads every input once more for
+it at the start, and once after tokenizing (`changed_inputs`), so an input changed under the build is an error,
+not half a corpus.
 With no inputs a build reads the embedded default corpus, `stdlib_corpus`.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import re
 import sys
 import sysconfig
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,9 +57,24 @@ class ReadTask:
 # ---------------------------------------------------------------------------------------------------- files
 
 
+@dataclass
+class Expansion:
+    """What input specs expand to: the files taken, (file, kind), and every file or folder left out, (path, reason)."""
+
+    files: list[tuple[Path, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+
 def resolve_inputs(inputs) -> list[tuple[Path, str]]:
     """Expand paths, globs, folders and HF save_to_disk folders into (file, kind) in a stable order."""
-    files: list[tuple[Path, str]] = []
+    return expand_inputs(inputs).files
+
+
+def expand_inputs(inputs) -> Expansion:
+    """`resolve_inputs` plus the files it left out and why (nothing is skipped without a word): hidden names, files
+    of no input format, HF metadata files outside a save_to_disk folder, files a save_to_disk folder does not list.
+    Names starting with '_' are read like any other."""
+    exp = Expansion()
     for spec in inputs:
         spec = str(spec)
         if any(c in spec for c in "*?["):
@@ -59,30 +82,65 @@ def resolve_inputs(inputs) -> list[tuple[Path, str]]:
             if not matches:
                 raise FileNotFoundError(f"no input matches {spec!r}")
             for m in matches:
-                files += _expand(Path(m))
+                _expand(Path(m), exp)
         else:
             p = Path(spec)
             if not p.exists():
                 raise FileNotFoundError(f"input not found: {spec}")
-            files += _expand(p, explicit=True)
-    if not files:
+            _expand(p, exp, explicit=True)
+    if not exp.files:
+        left = f"; left out: {_ignored_line(exp.ignored)}" if exp.ignored else ""
         raise ValueError(f"no input files found in {', '.join(map(str, inputs))} "
-                         f"(looked for {', '.join(sorted(SUFFIXES))})")
-    return files
+                         f"(looked for {', '.join(sorted(SUFFIXES))}){left}")
+    return exp
 
 
-def _expand(p: Path, explicit: bool = False) -> list[tuple[Path, str]]:
+def _ignored_line(ignored: list[tuple[str, str]], limit: int = 5) -> str:
+    more = f" and {len(ignored) - limit} more" if len(ignored) > limit else ""
+    return "; ".join(f"{p} ({why})" for p, why in ignored[:limit]) + more
+
+
+def _expand(p: Path, exp: Expansion, explicit: bool = False) -> None:
     if p.is_file():
-        kind = file_kind(p) if explicit else SUFFIXES.get(p.suffix.lower())
-        return [(p, kind)] if kind and p.name not in hf.METADATA_FILES else []
-    data_files = hf.dataset_files(p)
-    if data_files is not None:
-        return [(f, "arrow") for f in data_files]
-    out = []
+        if explicit:
+            exp.files.append((p, file_kind(p)))
+        elif p.name in hf.METADATA_FILES:
+            exp.ignored.append((str(p), f"{p.name} is dataset metadata, not records (pass the file itself to read it)"))
+        elif SUFFIXES.get(p.suffix.lower()) is None:
+            exp.ignored.append((str(p), f"not an input format ({p.suffix or 'no extension'}; "
+                                        f"reads {', '.join(sorted(SUFFIXES))})"))
+        else:
+            exp.files.append((p, SUFFIXES[p.suffix.lower()]))
+        return
+    if not p.is_dir():
+        exp.ignored.append((str(p), "not a regular file or folder"))
+        return
+    layout = hf.dataset_files(p)
+    if layout is not None:
+        data_files, unlisted = layout
+        exp.files += [(f, "arrow") for f in data_files]
+        exp.ignored += [(str(f), "not listed in the save_to_disk folder's state.json") for f in unlisted]
+        return
     for child in sorted(p.iterdir()):
-        if not child.name.startswith((".", "_")):
-            out += _expand(child)
-    return out
+        if child.name.startswith("."):
+            exp.ignored.append((str(child), "hidden name (pass it explicitly to read it)"))
+        else:
+            _expand(child, exp)
+
+
+def check_apart(inputs, files: list[tuple[Path, str]], out: Path) -> None:
+    """Refuse an output folder inside an input folder (a rerun would read its own shards) and an input inside the
+    output folder (--overwrite would delete it)."""
+    out = out.resolve()
+    for spec in inputs:
+        for p in (map(Path, glob.glob(str(spec), recursive=True)) if any(c in str(spec) for c in "*?[")
+                  else [Path(spec)]):
+            if p.is_dir() and out.is_relative_to(p.resolve()):
+                raise ValueError(f"--out {out} lies inside the input folder {p}; a rerun would read the build's own "
+                                 "shards as input: choose an --out outside it")
+    for f, _ in files:
+        if f.resolve().is_relative_to(out):
+            raise ValueError(f"input {f} lies inside --out {out}; move it out or choose another --out")
 
 
 def file_kind(path: Path) -> str:
@@ -93,12 +151,47 @@ def file_kind(path: Path) -> str:
     return kind
 
 
-def fingerprint(spec: str) -> dict:
-    """What identifies an input for 'is this the same build?': path, size and mtime of every file it names."""
+def fingerprint(spec: str, files: list[tuple[Path, str]] | None = None) -> dict:
+    """What identifies an input for 'is this the same build?': path, size and content hash of every file it names
+    (the content, not the mtime: `cp -p` and `rsync -t` keep size and mtime of a rewritten file)."""
     if spec == DEFAULT_CORPUS:
         return {"input": spec, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
-    files = resolve_inputs([spec])
-    return {"input": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in files]}
+    files = resolve_inputs([spec]) if files is None else files
+    return {"input": spec, "files": [[str(f), f.stat().st_size, content_hash(f)] for f, _ in files]}
+
+
+def content_hash(path) -> str:
+    """A fast hash of a file's bytes (xxh3-128 where xxhash is installed, else blake2b): 'xxh3:1f0c...'."""
+    h, name = _hasher()
+    with open(path, "rb") as f:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return f"{name}:{h.hexdigest()}"
+
+
+def _hasher():
+    try:
+        import xxhash
+    except ImportError:  # pragma: no cover - xxhash is a dependency; blake2b is the stdlib fallback
+        return hashlib.blake2b(digest_size=16), "blake2b"
+    return xxhash.xxh3_128(), "xxh3"
+
+
+def changed_inputs(fingerprints: list[dict]) -> list[str]:
+    """The files of `fingerprints` whose size or content differs now (or that are gone): 'a.jsonl (size 10 -> 4)'."""
+    changed = []
+    for fp in fingerprints:
+        for path, size, digest in fp.get("files", []):
+            p = Path(path)
+            if not p.is_file():
+                changed.append(f"{path} (deleted)")
+            elif p.stat().st_size != size:
+                changed.append(f"{path} (size {size:,} -> {p.stat().st_size:,} bytes)")
+            elif content_hash(p) != digest:
+                changed.append(f"{path} (same size, other content)")
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -110,12 +203,13 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
     for path, kind in files:
         if path.stat().st_size == 0:
             continue  # an empty file holds no records (it still counts as an input in the manifest)
-        with open_input(path) as f:
+        with open_input(path, mmap=kind == "arrow") as f:
             if kind == "json" and not json_array.is_array(f):
                 kind = "jsonl"
             try:
                 schema, ranges = READERS[kind].plan(f, path, chunk_bytes)
-            except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, json.JSONDecodeError, UnicodeDecodeError,
+                    RecursionError) as e:
                 raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
         if schema is None:
             continue  # no records (blank lines, an empty array): ignored like an empty file

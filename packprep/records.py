@@ -280,3 +280,5 @@ def raw_json(rec) -> str:
         return json.dumps(rec, ensure_ascii=False, default=str)[:RAW_PREFIX]
     except (TypeError, ValueError):
         return repr(rec)[:RAW_PREFIX]
+    except RecursionError:  # a record nested too deep to print
+        return "(nested too deep to show)"

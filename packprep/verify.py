@@ -1,6 +1,8 @@
 """`verify(out)`: the one checker of a build folder, for `packprep verify` and the tests.
 
-Checks: manifest present and readable; state.json lists exactly the manifest's shards, and no other data-* file (a
+Checks: manifest present, readable and of the expected shape (types, shard names: no path leaves the folder);
+the HF metadata load_from_disk reads (state.json's keys, dataset_info.json's features = the shard schema); state.json
+lists exactly the manifest's shards, and no other data-* file (a
 temp file, another build's shard) lies beside them; every shard's sha256, rows and tokens match the manifest; per
 row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run 0 < ... = len(input_ids) strictly
 increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, one doc_id per piece within [0,
@@ -13,13 +15,14 @@ Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from packprep.shards import MANIFEST, open_shard, sha256_file
+from packprep.shards import MANIFEST, SCHEMA, open_shard, sha256_file
 
 
 @dataclass
@@ -45,7 +48,7 @@ def verify(out: str | Path) -> Report:
     out, report = Path(out), Report()
     try:
         return _verify(out, report)
-    except (KeyError, TypeError) as e:  # a manifest from another version, or edited by hand
+    except (KeyError, TypeError, AttributeError, ValueError, MemoryError) as e:  # another version's, or hand-edited
         report.add("manifest", False, f"malformed: missing or wrong-typed entry {e}")
         return report
 
@@ -60,12 +63,10 @@ def _verify(out: Path, report: Report) -> Report:
     except (ValueError, KeyError, TypeError) as e:
         report.add("manifest", False, f"unreadable: {e}")
         return report
-    try:
-        listed = [f["filename"] for f in json.loads((out / "state.json").read_text())["_data_files"]]
-    except (OSError, ValueError, KeyError) as e:
-        listed = f"unreadable state.json ({e})"
-    report.add("state.json", listed == [s["file"] for s in shards], f"lists {listed}, manifest has "
-               f"{[s['file'] for s in shards]}")
+    shape = manifest_problems(m)
+    if not report.add("manifest shape", not shape, f"malformed: {shape}; rebuild or restore it"):
+        return report
+    _check_hf_metadata(out, [s["file"] for s in shards], report)
     stray = sorted(p.name for p in out.glob("data-*") if p.name not in {s["file"] for s in shards})
     report.add("no stray shards", not stray, f"{stray[:3]} ({len(stray)}) are not part of the build (a half-written "
                "temp file or a shard of another build)")
@@ -109,6 +110,69 @@ def _verify(out: Path, report: Report) -> Report:
     report.add("totals", all(totals[k] == counts[k] for k in totals),
                f"shards hold {totals}, manifest counts {({k: counts[k] for k in totals})}")
     return report
+
+
+_SHARD = re.compile(r"data-\d{5,}-of-\d{5,}\.arrow")
+
+
+def manifest_problems(m) -> str:
+    """'' for a manifest of the shape verify reads, else the first entry that is missing or of the wrong type."""
+    def ints(d, keys, where):
+        return next((f"{where}.{k} is {d.get(k)!r}, expected an integer >= 0" for k in keys
+                     if not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or d[k] < 0), "")
+
+    if not isinstance(m, dict):
+        return f"expected a JSON object, got {type(m).__name__}"
+    if not isinstance(m.get("seq_len"), int) or m["seq_len"] < 1:
+        return f"seq_len is {m.get('seq_len')!r}, expected an integer >= 1"
+    shards, counts = m.get("shards"), m.get("counts")
+    if not isinstance(shards, list) or not all(isinstance(x, dict) for x in shards):
+        return "shards is not a list of objects"
+    for k, sh in enumerate(shards):
+        if not isinstance(sh.get("file"), str) or not _SHARD.fullmatch(sh["file"]):
+            return f"shards[{k}].file is {sh.get('file')!r}, expected a name like data-00000-of-00001.arrow"
+        if not isinstance(sh.get("sha256"), str):
+            return f"shards[{k}].sha256 is {sh.get('sha256')!r}, expected a hex digest"
+        if problem := ints(sh, ("rows", "tokens"), f"shards[{k}]"):
+            return problem
+    if not isinstance(counts, dict):
+        return "counts is not an object"
+    if problem := ints(counts, ("input_docs", "packed", "truncated", "split", "rejected", "rows", "tokens",
+                                "pieces"), "counts"):
+        return problem
+    for key in ("dropped", "rejected_reasons"):
+        d = counts.get(key, {})
+        if not isinstance(d, dict) or (problem := ints(d, list(d), f"counts.{key}")):
+            return problem or f"counts.{key} is not an object"
+    tokens = sum(sh["tokens"] for sh in shards)
+    if counts["input_docs"] > tokens + sum(counts["dropped"].values()) + counts["rejected"]:
+        return f"counts.input_docs {counts['input_docs']:,} exceeds what the shards and counts can account for"
+    return ""
+
+
+def _check_hf_metadata(out: Path, files: list[str], report: Report) -> None:
+    """What `datasets.load_from_disk(out)` reads: state.json listing exactly the shards, with the keys it needs, and
+    dataset_info.json whose features are the shard schema's columns and types."""
+    try:
+        state = json.loads((out / "state.json").read_text())
+        listed = [f["filename"] for f in state["_data_files"]]
+        missing = [k for k in ("_fingerprint", "_format_type", "_format_kwargs", "_format_columns", "_split",
+                               "_output_all_columns") if k not in state]
+        problem = f"lists {listed}, the manifest has {files}" if listed != files else (
+            f"lacks {missing}" if missing else "")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"missing or unreadable ({e})"
+    report.add("state.json", not problem, f"{problem}; load_from_disk needs it as the build wrote it")
+    expected = {f.name: str(f.type.value_type) for f in SCHEMA}
+    try:
+        features = json.loads((out / "dataset_info.json").read_text())["features"]
+        found = {k: v["feature"]["dtype"] for k, v in features.items()
+                 if v.get("_type") in ("List", "Sequence", "LargeList")}
+        problem = "" if found == expected and len(found) == len(features) else (
+            f"features {json.dumps(features)[:200]} are not the shards' columns {expected}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"missing or unreadable ({e})"
+    report.add("dataset_info.json", not problem, f"{problem}; load_from_disk needs it as the build wrote it")
 
 
 def _lines(path: Path) -> int:

@@ -11,7 +11,11 @@ marker last (their formats live with their stages: `spool`, `layout`, `write`); 
 folder without it is unfinished. The work folder records the identity its work was made with (settings that change
 bytes, the task split, input fingerprints, the tokenizer's content): the same identity is resumed, another one is
 refused while it holds finished tasks, unless --overwrite. Either way `*.tmp*` files of killed writers are deleted
-before anything runs. Cost: a stat per input file for the fingerprints and a glob of the work folder.
+before anything runs: only packprep's own names (`OWN_FILE`), so a user's `notes.tmp.txt` in OUT stays. On a
+finished build, `check_shards` compares the shards with the manifest (sizes; sha256 with --check full). The on-error
+mode is not part of the identity: a task finished under raise had no bad record, so it is the same under skip (the
+build redoes, under raise, the tasks that set records aside under skip). Cost: a glob of the work folder (the input
+content hashes are computed by `inputs.fingerprint`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -29,6 +34,9 @@ from packprep.report import Progress
 from packprep.shards import MANIFEST, write_json_atomic
 
 WORK = ".packprep-work"
+# The only files a build writes in OUT (beside WORK): shards, metadata, manifest, rejects, and their temp names.
+OWN_FILE = re.compile(r"(data-\d{5,}-of-\d{5,}\.arrow|state\.json|dataset_info\.json|packprep\.json|rejects\.jsonl)"
+                      r"(\.tmp\d+)?")
 
 
 class DiskFullError(OSError):
@@ -46,7 +54,9 @@ def path(out: Path) -> Path:
 def identity(config: BuildConfig, fingerprints: list[dict], task_plan: int, tokenizer: str | None) -> dict:
     """What a build's output depends on, as JSON: settings that change bytes, the task split, input fingerprints and
     the tokenizer's content (a tokenizer retrained in place at the same path is a different build)."""
-    return json.loads(json.dumps({"config": config.output_keys(), "chunk_bytes": config.chunk_bytes,
+    keys = config.output_keys()
+    keys.pop("on_error")  # a task that finished had no bad record under raise: the same output under skip
+    return json.loads(json.dumps({"config": keys, "chunk_bytes": config.chunk_bytes,
                                   "task_plan": task_plan, "inputs": fingerprints, "tokenizer": tokenizer}))
 
 
@@ -56,7 +66,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     diff = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in keys
             if old["config"].get(k) != new["config"].get(k)]
     if old.get("inputs") != new["inputs"] and old["config"].get("inputs") == new["config"].get("inputs"):
-        diff.append("the input files changed (sizes or mtimes)")
+        diff.append("the input files changed (size or content)")
     if None not in (old.get("tokenizer"), new.get("tokenizer")) and old["tokenizer"] != new["tokenizer"]:
         diff.append(f"the tokenizer's files changed (sha256 {old['tokenizer'][:12]}... -> {new['tokenizer'][:12]}...)")
     return diff
@@ -82,16 +92,22 @@ def check_out(out: Path, config: BuildConfig, ident: dict) -> dict | None:
         raise FileExistsError(f"--out {out} exists and is not a folder")
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
         try:
-            old_id = {"config": BuildConfig(**old["config"]).output_keys(), "inputs": old["inputs"]["specs"],
+            old = json.loads(manifest_path.read_text())
+            old_config = BuildConfig(**old["config"])
+            old_id = {"config": old_config.output_keys(), "inputs": old["inputs"]["specs"],
                       "tokenizer": old["tokenizer"]["sha256"]}
-        except (KeyError, TypeError, ValueError) as e:  # another packprep version's manifest, or edited by hand
-            old_id = None
+            old_id["config"].pop("on_error")
+            rejected = int(old["counts"]["rejected"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # another version's manifest, or edited by hand
+            old, old_id = {}, None
             if not config.overwrite:
                 raise ValueError(f"{manifest_path} is not a manifest this packprep version reads ({e!r}); pass "
                                  "--overwrite to replace that build or choose another --out") from None
         diff = _differences(old_id, ident) if old_id else ["an unreadable manifest"]
+        if old_id and rejected and old_config.on_error != config.on_error:  # under raise, a reject stops the build
+            diff.append(f"on_error: {old_config.on_error!r} -> {config.on_error!r} (that build set {rejected} "
+                        "record(s) aside)")
         if not diff:
             return old
         if not config.overwrite:
@@ -107,7 +123,8 @@ def check_out(out: Path, config: BuildConfig, ident: dict) -> dict | None:
 def _remove_build(out: Path, manifest: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)  # first: from here on the folder is an unfinished build
     for s in manifest.get("shards", []):
-        (out / s["file"]).unlink(missing_ok=True)
+        if isinstance(s, dict) and OWN_FILE.fullmatch(str(s.get("file"))):
+            (out / s["file"]).unlink(missing_ok=True)
     for name in ("state.json", "dataset_info.json", "rejects.jsonl"):
         (out / name).unlink(missing_ok=True)
 
@@ -136,13 +153,32 @@ def prepare(out: Path, ident: dict, overwrite: bool, progress: Progress) -> bool
         marker.unlink(missing_ok=True)  # first: a half-deleted work folder is never taken for a reusable one
         shutil.rmtree(work, ignore_errors=True)
         for p in out.glob("data-*-of-*.arrow*"):  # shards of the discarded run (none is finished: no manifest)
-            p.unlink(missing_ok=True)
+            if OWN_FILE.fullmatch(p.name):
+                p.unlink(missing_ok=True)
     for p in [*out.glob("*.tmp*"), *work.rglob("*.tmp*")]:  # writers killed mid-file: never a finished output
-        p.unlink(missing_ok=True)
+        if p.parent != out or OWN_FILE.fullmatch(p.name):  # a user's notes.tmp.txt in OUT stays
+            p.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if not keep:
         write_json_atomic(marker, ident)
     return keep
+
+
+def check_shards(out: Path, manifest: dict, full: bool) -> list[str]:
+    """The shards of a finished build that are not what its manifest records: missing, another size, or (full)
+    another sha256. ['data-00001-of-00004.arrow: missing', ...]"""
+    from packprep.shards import sha256_file
+
+    bad = []
+    for s in manifest.get("shards", []):
+        p = out / s["file"]
+        if not p.is_file():
+            bad.append(f"{s['file']}: missing")
+        elif p.stat().st_size != s["bytes"]:
+            bad.append(f"{s['file']}: {p.stat().st_size:,} bytes, the manifest records {s['bytes']:,}")
+        elif full and sha256_file(p) != s["sha256"]:
+            bad.append(f"{s['file']}: sha256 differs from the manifest's")
+    return bad
 
 
 def finish(out: Path) -> None:

@@ -4,11 +4,12 @@ errors, fingerprints."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from build_fixtures import texts
 
-from packprep.inputs import DEFAULT_CORPUS, fingerprint, plan_tasks, resolve_inputs
+from packprep.inputs import DEFAULT_CORPUS, content_hash, fingerprint, plan_tasks, resolve_inputs
 from packprep.readers import read_task
 
 
@@ -99,11 +100,15 @@ def test_json_suffix_holds_lines_or_an_array(tmp_path):
         assert docs_of(tasks) == texts(30, 1)
 
 
-def test_fingerprint_follows_size_and_mtime(tmp_path):
+def test_fingerprint_follows_size_and_content(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text('{"text": "a"}\n')
     before = fingerprint(str(p))
-    assert before["files"] == [[str(p), p.stat().st_size, p.stat().st_mtime_ns]]
+    assert before["files"] == [[str(p), p.stat().st_size, content_hash(p)]]
     p.write_text('{"text": "ab"}\n')
-    assert fingerprint(str(p)) != before
+    middle, stat = fingerprint(str(p)), p.stat()
+    assert middle != before
+    p.write_text('{"text": "ba"}\n')  # same size, mtime put back (cp -p, rsync -t): still another input
+    os.utime(p, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint(str(p)) != middle
     assert set(fingerprint(DEFAULT_CORPUS)) == {"input", "python", "stdlib"}  # the stdlib is not listed file by file

@@ -23,6 +23,7 @@ import packprep.write as write_mod
 from packprep.build import build
 from packprep.cli import app
 from packprep.config import BuildConfig
+from packprep.inputs import content_hash
 from packprep.verify import verify
 from packprep.workdir import WORK, BuildLockedError, DiskFullError
 
@@ -44,7 +45,7 @@ def reference(corpus, tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("ref") / "out"
     m = build(_config(corpus, out)).manifest
     assert len(m["shards"]) >= 6 and m["counts"]["rows"] > 200
-    assert m["inputs"]["specs"][0]["files"] == [[str(corpus), corpus.stat().st_size, corpus.stat().st_mtime_ns]]
+    assert m["inputs"]["specs"][0]["files"] == [[str(corpus), corpus.stat().st_size, content_hash(corpus)]]
     return _digests(out)
 
 

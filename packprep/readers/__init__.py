@@ -40,7 +40,7 @@ def read_task(task, batch_rows: int = 2048, rejects: list[Reject] | None = None)
     that fails those checks is read again record by record, in Python, to find the bad ones.
     """
     seen = 0  # records of this task so far
-    with open_input(task.path) as f:
+    with open_input(task.path, mmap=task.kind == "arrow") as f:
         for records, locate in _checked_parts(f, task):
             n = records.num_rows if isinstance(records, pa.Table) else len(records)
             for off in range(0, n, batch_rows):

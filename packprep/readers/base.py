@@ -7,7 +7,7 @@ A reader (one module per file format, listed in `packprep.readers.READERS`) is t
     for part in read(f, task): ...                # Part(records, locate, fallback) for task.start..task.stop
 
 `f` comes from `open_input(path)`, the one place a path becomes bytes: a seekable pyarrow NativeFile (a memory map
-for a local file, so Arrow and Parquet reads are zero-copy and a task's seek costs nothing). Compressed and remote
+a copying reader for a local file; a memory map for Arrow IPC). Compressed and remote
 (fsspec) inputs belong here too: a NativeFile over the decompressed stream (`pa.CompressedInputStream`, or
 `pa.PythonFile` around an fsspec file), planned by the reader as one whole-file range when it cannot seek.
 Error-path helpers take the path and open their own handle, so they never move a reader's position.
@@ -24,9 +24,12 @@ import pyarrow as pa
 PEEK_BYTES, PEEK_LINES = 1 << 16, 100  # format detection reads the union of the first records' fields
 
 
-def open_input(path) -> pa.NativeFile:
-    """A readable, seekable byte stream over one input file (a memory map: no copy, no read-ahead)."""
-    return pa.memory_map(str(path), "r")
+def open_input(path, mmap: bool = False) -> pa.NativeFile:
+    """A readable, seekable byte stream over one input file. Reads copy into memory, so a file truncated under a
+    reader gives short reads (caught as a changed input), never a SIGBUS that kills the process. mmap=True (Arrow
+    IPC streams, whose tasks walk the earlier batches' headers) maps it instead: zero-copy, but a truncation kills
+    the worker (reported as a dead worker; the rerun's content hash names the changed file)."""
+    return pa.memory_map(str(path), "r") if mmap else pa.OSFile(str(path), "r")
 
 
 @dataclass

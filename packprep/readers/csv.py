@@ -25,6 +25,8 @@ def plan(f: pa.NativeFile, path, chunk_bytes: int) -> tuple[pa.Schema | None, li
 
 
 def read(f: pa.NativeFile, task) -> Iterator[Part]:
+    """Good rows and bad rows in file order: a bad row keeps its place (pyarrow numbers every row, header = 1), so
+    the rows after it keep their record indices (doc_ids)."""
     bad: list = []
     parse = _parse_options(task.path)
     parse.invalid_row_handler = lambda r: bad.append(r) or "skip"
@@ -32,14 +34,26 @@ def read(f: pa.NativeFile, task) -> Iterator[Part]:
     f.seek(0)
     reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(use_threads=False), parse_options=parse,
                            convert_options=as_text)
-    line = 2  # 1-based, after the header
+    row = 2  # the next record's row number (1-based, the header is row 1)
     for batch in reader:
-        yield Part(pa.Table.from_batches([batch]), lambda i, b=line: ("line", b + i, None))
-        line += batch.num_rows
-        for r in bad:  # rows with the wrong number of columns (placed after the batch they were in)
-            yield Part([BadRecord("bad_row", f"expected {r.expected_columns} columns, got {r.actual_columns}")],
-                       lambda i, t=r.text: ("line", line_of_text(task.path, t), t[:RAW_PREFIX]))
-        bad.clear()
+        table, taken = pa.Table.from_batches([batch]), 0
+        while taken < table.num_rows:
+            while bad and bad[0].number == row:
+                yield _bad_row(bad.pop(0), task.path)
+                row += 1
+            upto = bad[0].number if bad and bad[0].number is not None else row + table.num_rows
+            n = min(table.num_rows - taken, max(upto - row, 1))
+            yield Part(table.slice(taken, n), lambda i, b=row: ("line", b + i, None))
+            taken, row = taken + n, row + n
+    for r in bad:  # bad rows after the last good one
+        yield _bad_row(r, task.path)
+
+
+def _bad_row(r, path) -> Part:
+    def locate(i):
+        return "line", line_of_text(path, r.text) or r.number, r.text[:RAW_PREFIX]
+
+    return Part([BadRecord("bad_row", f"expected {r.expected_columns} columns, got {r.actual_columns}")], locate)
 
 
 def _parse_options(path) -> pcsv.ParseOptions:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from packprep._kernels import json_array_cuts
 from packprep.readers.base import PEEK_LINES, Part, open_input, union_schema
+from packprep.readers.jsonl import SURROGATE_ESCAPE, TOO_DEEP, lone_surrogate
 from packprep.records import raw_json
 
 BLOCK = 16 << 20
@@ -61,8 +62,14 @@ def elements(f: pa.NativeFile, path, start: int, stop: int, wrapped: bool = True
     except json.JSONDecodeError as e:
         line, col = _position(path, start, e.lineno, e.colno - (wrapped and e.lineno == 1))  # the added '['
         raise ValueError(f"{path}: malformed JSON at line {line} column {col}: {e.msg}") from None
+    except RecursionError:
+        line, col = _position(path, start, 1, 1)
+        raise ValueError(f"{path}: an element between line {line} column {col} and byte {stop:,} is {TOO_DEEP}") \
+            from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of objects (or JSON lines)")
+    if SURROGATE_ESCAPE.search(raw):  # a lone "\ud800" parses, but is not text: that element is a reject
+        data = [lone_surrogate(x) or x for x in data]
     return data
 
 

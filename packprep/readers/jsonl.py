@@ -9,6 +9,7 @@ to find the bad lines (pyarrow fails a whole block on one bad line). Line number
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterator
 
 import pyarrow as pa
@@ -33,7 +34,21 @@ def read(f: pa.NativeFile, task) -> Iterator[Part]:
     except pa.ArrowInvalid:  # pyarrow fails the whole chunk on one bad line
         yield Part([json_line(raw) for _, raw in lines.lines], lines.locate)
         return
+    if not _one_per_line(table.num_rows, buf):  # pyarrow reads `{...}{...}` on one line as two records: line by
+        # line, that line is a reject
+        yield Part([json_line(raw) for _, raw in lines.lines], lines.locate)
+        return
     yield Part(table, lines.locate, fallback=lambda: [json_line(raw) for _, raw in lines.lines])
+
+
+def _one_per_line(rows: int, buf: bytes) -> bool:
+    """pyarrow read one record per non-blank line (a newline count first; lines split only when blank lines exist)."""
+    if rows == buf.count(b"\n") + (not buf.endswith(b"\n")) and not _BLANK.search(buf):
+        return True
+    return rows == sum(1 for x in buf.split(b"\n") if x.strip())
+
+
+_BLANK = re.compile(rb"(?:^|\n)[ \t\r]*\n|\n[ \t\r]+\Z")
 
 
 def line_cuts(f: pa.NativeFile, start: int, stop: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -63,17 +78,42 @@ def _line_end(f: pa.NativeFile, pos: int) -> int:
 def json_line(raw: bytes):
     """One JSONL line -> a Python record, or a BadRecord saying why it is not one."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        rec = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         return BadRecord("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
     except json.JSONDecodeError as e:
         return BadRecord("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})")
+    except RecursionError:
+        return BadRecord("malformed_json", TOO_DEEP)
+    return (lone_surrogate(rec) if SURROGATE_ESCAPE.search(raw) else None) or rec
+
+
+TOO_DEEP = "JSON nested deeper than Python's parser takes (RecursionError); flatten or drop the record"
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # where the raw bytes have none, no check is needed
+
+
+def lone_surrogate(rec) -> BadRecord | None:
+    """A BadRecord when a string of `rec` holds a lone surrogate ("\\ud800" in the JSON): JSON lets it through, but
+    it is not text (it has no UTF-8 form, and tokenizers refuse it)."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return BadRecord("invalid_utf8", f"a lone surrogate escape (\\u{ord(e.object[e.start]):04x}) in a string: not "
+                                         "text; fix or drop the record")
+    except RecursionError:
+        return BadRecord("malformed_json", TOO_DEEP)
+    return None
 
 
 def _peek(f: pa.NativeFile, path) -> pa.Schema | None:
     f.seek(0)
     head = f.read(PEEK_BYTES)
+    if b"\n" not in head and re.search(rb"\}[ \t]*\r[ \t\r]*\{", head):  # records ended by CR alone
+        raise RecordError(f"{path}: lines end in a lone CR (classic Mac line ends), which JSON lines does not take; "
+                          f"convert them: tr '\\r' '\\n' < {path} > fixed.jsonl")
     end = _line_end(f, len(head))  # whole lines only (the first may be tens of MB)
+    if head.find(b"\n", 0, end - 1) < 0:  # one long first line: the next ones too (it may be a bad record)
+        end = _line_end(f, end + PEEK_BYTES)
     f.seek(len(head))
     head += f.read(end - len(head))
     lines = [x for x in head.split(b"\n") if x.strip()][:PEEK_LINES]
@@ -89,7 +129,7 @@ def _peek(f: pa.NativeFile, path) -> pa.Schema | None:
             first_bad = rec if isinstance(rec, BadRecord) else BadRecord("wrong_type",
                                                                          f"expected an object, got {jtype(rec)}")
     if lines and not schemas:  # no record to tell the format from: the first line's problem
-        line = line_of_text(path, lines[0].rstrip(b"\r").decode("utf-8", "replace"))
+        line = line_of_text(path, lines[0].rstrip(b"\r").decode("utf-8", "replace")) or 1
         raise RecordError(f"{path} line {line}: {first_bad.reason if first_bad else 'no JSON object'}")
     return union_schema(schemas) if schemas else None
 
