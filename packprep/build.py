@@ -25,7 +25,15 @@ import packprep
 from packprep import layout, spool, workdir
 from packprep.config import BuildConfig
 from packprep.executor import Executor, make_executor
-from packprep.inputs import DEFAULT_CORPUS, TASK_PLAN_VERSION, fingerprint, plan_tasks, resolve_inputs, stdlib_corpus
+from packprep.inputs import (
+    DEFAULT_CORPUS,
+    TASK_PLAN_VERSION,
+    file_size,
+    fingerprint,
+    plan_tasks,
+    resolve_inputs,
+    stdlib_corpus,
+)
 from packprep.report import Progress
 from packprep.shards import FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
 from packprep.tokenizer import (
@@ -179,4 +187,4 @@ def _input_records(fingerprints, files, tasks, results) -> dict:
         fmt[task.path] = task.format.name
     return {"specs": fingerprints,
             "files": [{"path": str(f), "kind": k, "format": fmt.get(str(f)), "docs": docs.get(str(f), 0),
-                       "bytes": f.stat().st_size} for f, k in files]}
+                       "bytes": file_size(f)} for f, k in files]}

@@ -10,6 +10,11 @@ depends only on the inputs and `chunk_bytes`, never on the number of workers. Pl
 its first records (format detection) and its reader's cut (JSONL: one seek per chunk; JSON arrays: one byte scan;
 Parquet/Arrow: the footer or batch headers). `fingerprint` and TASK_PLAN_VERSION are part of a build's identity.
 With no inputs a build reads the embedded default corpus, `stdlib_corpus`.
+
+Inputs may be fsspec URLs (`s3://corp/chat/*.jsonl.zst`, `gs://`, `az://`, `hf://`, `https://`; `packprep.storage`):
+globs are expanded by the store's listing, a remote file is named by its URL, and its fingerprint is the store's
+metadata (size and ETag, else mtime): one listing per spec. Compressed files (`a.jsonl.zst`) have the kind of the
+name inside; the magic bytes decide the compression (`readers.compressed`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from packprep.readers import READERS, SUFFIXES, hf, json_array, jsonl
+from packprep import storage
+from packprep.readers import READERS, SUFFIXES, compressed, hf, json_array, jsonl
 from packprep.readers.base import first_line, open_input
 from packprep.records import Format, resolve_format
 
@@ -49,12 +55,15 @@ class ReadTask:
 # ---------------------------------------------------------------------------------------------------- files
 
 
-def resolve_inputs(inputs) -> list[tuple[Path, str]]:
-    """Expand paths, globs, folders and HF save_to_disk folders into (file, kind) in a stable order."""
-    files: list[tuple[Path, str]] = []
+def resolve_inputs(inputs) -> list[tuple[Path | str, str]]:
+    """Expand paths, globs, folders and HF save_to_disk folders into (file, kind) in a stable order (a local file as
+    a Path, a remote one as its URL)."""
+    files: list[tuple[Path | str, str]] = []
     for spec in inputs:
         spec = str(spec)
-        if any(c in spec for c in "*?["):
+        if storage.is_remote(spec):
+            files += _resolve_remote(spec)
+        elif any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"no input matches {spec!r}")
@@ -71,9 +80,50 @@ def resolve_inputs(inputs) -> list[tuple[Path, str]]:
     return files
 
 
+def _resolve_remote(spec: str) -> list[tuple[str, str]]:
+    fs, path = storage.filesystem(spec)
+    if any(c in path for c in "*?["):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"no input matches {spec!r}")
+        return [f for m in matches for f in _expand_remote(fs, m)]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input not found: {spec}")
+    return _expand_remote(fs, path, explicit=True)
+
+
+def _expand_remote(fs, path: str, explicit: bool = False) -> list[tuple[str, str]]:
+    """The remote twin of `_expand`: a file, a save_to_disk folder (state.json) or a folder listed in order."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if fs.isfile(path):
+        kind = file_kind(name, storage.url(fs, path)) if explicit else _kind(name)
+        return [(storage.url(fs, path), kind)] if kind and name not in hf.METADATA_FILES else []
+    state = storage.join(path, "state.json")
+    if fs.exists(state):
+        files = json.loads(fs.cat_file(state))["_data_files"]
+        return [(storage.url(fs, storage.join(path, f["filename"])), "arrow") for f in files]
+    out = []
+    for child in sorted(fs.ls(path, detail=False)):
+        if not child.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")):
+            out += _expand_remote(fs, child)
+    return out
+
+
+def _kind(name: str) -> str | None:
+    """The reader kind of a file name, looking inside a compression suffix: 'a.jsonl.zst' -> 'jsonl'."""
+    return SUFFIXES.get(Path(compressed.inner_name(name)).suffix.lower())
+
+
+def file_size(f) -> int:
+    if isinstance(f, Path):
+        return f.stat().st_size
+    fs, path = storage.filesystem(f)
+    return fs.size(path)
+
+
 def _expand(p: Path, explicit: bool = False) -> list[tuple[Path, str]]:
     if p.is_file():
-        kind = file_kind(p) if explicit else SUFFIXES.get(p.suffix.lower())
+        kind = file_kind(p.name, p) if explicit else _kind(p.name)
         return [(p, kind)] if kind and p.name not in hf.METADATA_FILES else []
     data_files = hf.dataset_files(p)
     if data_files is not None:
@@ -85,19 +135,25 @@ def _expand(p: Path, explicit: bool = False) -> list[tuple[Path, str]]:
     return out
 
 
-def file_kind(path: Path) -> str:
-    kind = SUFFIXES.get(path.suffix.lower())
+def file_kind(name: str, where) -> str:
+    kind = _kind(name)
     if kind is None:
-        raise ValueError(f"{path}: unknown input format {path.suffix or '(no extension)'!r}; "
-                         f"expected one of {', '.join(sorted(SUFFIXES))}")
+        suffix = Path(compressed.inner_name(name)).suffix
+        raise ValueError(f"{where}: unknown input format {suffix or '(no extension)'!r}; expected one of "
+                         f"{', '.join(sorted(SUFFIXES))}, optionally compressed ({', '.join(compressed.SUFFIXES)})")
     return kind
 
 
 def fingerprint(spec: str) -> dict:
-    """What identifies an input for 'is this the same build?': path, size and mtime of every file it names."""
+    """What identifies an input for 'is this the same build?': path, size and mtime of every file it names (a remote
+    file: URL, size and the store's ETag, else mtime)."""
     if spec == DEFAULT_CORPUS:
         return {"input": spec, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
     files = resolve_inputs([spec])
+    if storage.is_remote(spec):
+        fs = storage.filesystem(spec)[0]
+        return {"input": spec, "files": [[f, *storage.fingerprint_info(fs.info(storage.filesystem(f)[1]))]
+                                         for f, _ in files]}
     return {"input": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f, _ in files]}
 
 
@@ -108,15 +164,18 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
     """Split files into read tasks and resolve each file's record format (raises on a missing field)."""
     tasks: list[ReadTask] = []
     for path, kind in files:
-        if path.stat().st_size == 0:
+        if file_size(path) == 0:
             continue  # an empty file holds no records (it still counts as an input in the manifest)
-        with open_input(path) as f:
-            if kind == "json" and not json_array.is_array(f):
-                kind = "jsonl"
-            try:
+        if kind == "json":
+            with open_input(path) as f:
+                kind = "json" if json_array.is_array(f) else "jsonl"
+        try:
+            with open_input(path) as f:
                 schema, ranges = READERS[kind].plan(f, path, chunk_bytes)
-            except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
+            if schema is not None and kind == "jsonl" and compressed.codec(str(path)):
+                ranges = compressed.line_ranges(str(path), chunk_bytes, lambda a, b: open_input(path, a, b))
+        except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
         if schema is None:
             continue  # no records (blank lines, an empty array): ignored like an empty file
         fmt = resolve_format(path, schema, format, **fields)
@@ -132,7 +191,7 @@ def _split_tail(tasks: list[ReadTask], chunk_bytes: int) -> list[ReadTask]:
     number of workers), like the rest of the plan; the output does not depend on the plan at all.
     """
     i, budget = len(tasks), TAIL_CHUNKS * chunk_bytes
-    while i > 0 and budget > 0 and tasks[i - 1].kind == "jsonl":
+    while i > 0 and budget > 0 and tasks[i - 1].kind == "jsonl" and not compressed.codec(tasks[i - 1].path):
         i -= 1
         budget -= tasks[i].stop - tasks[i].start
     small = max(1, chunk_bytes // TAIL_SPLIT)

@@ -7,10 +7,12 @@ A reader (one module per file format, listed in `packprep.readers.READERS`) is t
     for part in read(f, task): ...                # Part(records, locate, fallback) for task.start..task.stop
 
 `f` comes from `open_input(path)`, the one place a path becomes bytes: a seekable pyarrow NativeFile (a memory map
-for a local file, so Arrow and Parquet reads are zero-copy and a task's seek costs nothing). Compressed and remote
-(fsspec) inputs belong here too: a NativeFile over the decompressed stream (`pa.CompressedInputStream`, or
-`pa.PythonFile` around an fsspec file), planned by the reader as one whole-file range when it cannot seek.
-Error-path helpers take the path and open their own handle, so they never move a reader's position.
+for a local file, so Arrow and Parquet reads are zero-copy and a task's seek costs nothing; `pa.PythonFile` around
+an fsspec file for a URL, read ahead in blocks), or for a compressed file an unseekable stream of the decompressed
+bytes (`readers.compressed`), which a reader plans as one whole-stream range. A compressed JSON lines file made of
+independent members (zstd frames, bgzip blocks) is cut between them: its task's range is then a compressed byte
+range, and `open_task` opens just those members. Error-path helpers take the path and open their own handle, so
+they never move a reader's position.
 """
 
 from __future__ import annotations
@@ -21,12 +23,59 @@ from typing import Callable
 
 import pyarrow as pa
 
+from packprep import storage
+from packprep.readers import compressed
+
 PEEK_BYTES, PEEK_LINES = 1 << 16, 100  # format detection reads the union of the first records' fields
 
 
-def open_input(path) -> pa.NativeFile:
-    """A readable, seekable byte stream over one input file (a memory map: no copy, no read-ahead)."""
-    return pa.memory_map(str(path), "r")
+def open_input(path, start: int = 0, stop: int | None = None, *, seekable: bool = False) -> pa.NativeFile:
+    """A readable byte stream over one input file: seekable, unless the file is compressed (then the decompressed
+    bytes of its members in compressed bytes [start, stop), or of all of it). seekable=True decompresses a
+    compressed file into memory (JSON arrays and the error path, which must seek)."""
+    path = str(path)
+    name = compressed.codec(path)
+    raw = _open_raw(path)
+    if name is None:
+        return raw
+    if start or stop is not None:
+        raw.seek(start)
+        raw = pa.BufferReader(raw.read_buffer((stop if stop is not None else raw.size()) - start))
+    f = compressed.stream(raw, name)
+    if seekable:
+        with f:
+            return pa.BufferReader(f.read_buffer())
+    return f
+
+
+def _open_raw(path: str) -> pa.NativeFile:
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        return pa.PythonFile(fs.open(p, "rb", block_size=8 << 20, cache_type="readahead"), mode="r")
+    return pa.memory_map(path, "r")  # no copy, no read-ahead
+
+
+def open_task(task) -> pa.NativeFile:
+    """The file of a read task; for a cut compressed JSON lines file, only the task's members."""
+    if task.kind == "jsonl" and compressed.codec(task.path) is not None:
+        return open_input(task.path, task.start, task.stop)
+    return open_input(task.path)
+
+
+def read_head(f: pa.NativeFile, size: int = PEEK_BYTES) -> bytes:
+    """The first `size` bytes and the rest of the line they end in (whole lines; the first may be tens of MB)."""
+    if f.seekable():
+        f.seek(0)
+    head = f.read(size)
+    while head and not head.endswith(b"\n"):
+        block = f.read(1 << 16)
+        if not block:
+            break
+        k = block.find(b"\n")
+        head += block if k < 0 else block[: k + 1]
+        if k >= 0:
+            break
+    return head
 
 
 @dataclass
@@ -69,7 +118,7 @@ def group(sizes: list[int], chunk_bytes: int) -> list[tuple[int, int]]:
 
 def line_of(path, byte_pos: int) -> int:
     """1-based line number of byte_pos (only on the error path: reads the file prefix)."""
-    with open_input(path) as f:
+    with open_input(path, seekable=True) as f:
         return f.read(byte_pos).count(b"\n") + 1
 
 
