@@ -42,7 +42,10 @@ class Report:
 
 
 def verify(out: str | Path) -> Report:
-    out, report = Path(out), Report()
+    """Check a build folder (a remote build, s3://..., is staged to a local cache first: `remote.stage`)."""
+    from packprep.remote import stage
+
+    out, report = stage(str(out)), Report()
     try:
         return _verify(out, report)
     except (KeyError, TypeError) as e:  # a manifest from another version, or edited by hand

@@ -62,6 +62,17 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diff
 
 
+def same_build(manifest: dict, ident: dict) -> list[str]:
+    """What differs between a finished build's manifest and this build's identity ([] : the same build)."""
+    try:
+        old_id = {"config": BuildConfig(**manifest["config"]).output_keys(), "inputs": manifest["inputs"]["specs"],
+                  "tokenizer": manifest["tokenizer"]["sha256"]}
+    except (KeyError, TypeError, ValueError) as e:  # another packprep version's manifest, or edited by hand
+        raise ValueError(f"{MANIFEST} is not a manifest this packprep version reads ({e!r}); pass --overwrite to "
+                         "replace that build or choose another --out") from None
+    return _differences(old_id, ident)
+
+
 def _is_ours(out: Path) -> bool:
     """An unfinished packprep build: its work folder, or (a build whose removal by --overwrite was cut short) the
     dataset_info.json packprep writes. A plain `datasets.save_to_disk` folder is not ours: its shards stay."""
@@ -84,14 +95,11 @@ def check_out(out: Path, config: BuildConfig, ident: dict) -> dict | None:
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         try:
-            old_id = {"config": BuildConfig(**old["config"]).output_keys(), "inputs": old["inputs"]["specs"],
-                      "tokenizer": old["tokenizer"]["sha256"]}
-        except (KeyError, TypeError, ValueError) as e:  # another packprep version's manifest, or edited by hand
-            old_id = None
+            diff = same_build(old, ident)
+        except ValueError:
             if not config.overwrite:
-                raise ValueError(f"{manifest_path} is not a manifest this packprep version reads ({e!r}); pass "
-                                 "--overwrite to replace that build or choose another --out") from None
-        diff = _differences(old_id, ident) if old_id else ["an unreadable manifest"]
+                raise
+            diff = ["an unreadable manifest"]
         if not diff:
             return old
         if not config.overwrite:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import lzma
+import os
 
 import pyarrow as pa
 
@@ -139,10 +140,13 @@ def _bgzf_blocks(data) -> list[tuple[int, int, int | None]] | None:
 def line_ranges(path: str, chunk_bytes: int, opener) -> list[tuple[int, int]]:
     """Compressed byte ranges of whole members, each holding whole lines and >= chunk_bytes of data (decompressed
     sizes where the headers give them, else compressed sizes); [(0, file size)] when the file cannot be cut."""
-    found = members(path)
-    size = storage.filesystem(path)[0].size(storage.filesystem(path)[1])
+    found = members(path)  # None for a remote file
     if found is None:
-        return [(0, size)]
+        if storage.is_remote(path):
+            fs, p = storage.filesystem(path)
+            return [(0, fs.size(p))]
+        return [(0, os.path.getsize(path))]
+    size = os.path.getsize(path)
     cuts, acc = [0], 0
     for off, csize, dsize in found:
         acc += dsize if dsize is not None else csize
