@@ -26,7 +26,7 @@ import numpy as np
 import packprep
 from packprep import layout, remote, spool, storage, workdir
 from packprep.config import BuildConfig
-from packprep.executor import Executor, make_executor
+from packprep.executor import Executor, LocalExecutor, make_executor
 from packprep.inputs import (
     DEFAULT_CORPUS,
     TASK_PLAN_VERSION,
@@ -120,8 +120,11 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     reused = {"tokenize_tasks": sum(spool.finished(spool_dir, i) is not None for i in range(len(tasks)))}
     results: list[spool.TaskResult] = [None] * len(tasks)
     ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error)
+    ship = url is not None and config.executor == "ray"  # Ray nodes need no shared disk: outputs come back
+    stage_fn, stage_ctx = (remote.shipped_tokenize, remote.Shipped.of(ctx)) if ship else (tokenize_task, ctx)
     with progress.stage("tokenize", len(tasks), "chunks") as bar:
-        for n, r in enumerate(executor.imap(tokenize_task, tasks, ctx), 1):
+        for n, r in enumerate(executor.imap(stage_fn, tasks, stage_ctx), 1):
+            r = remote.receive(r, spool_dir) if ship else r
             results[r.index] = r
             bar.advance(1, docs=r.docs, tokens=r.tokens)
             kill_hook(f"tokenize:{n}")
@@ -155,7 +158,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
                      f"{'the' if reused['layout'] else 'no'} packing plan, {reused['shards']}/{wctx.num_shards} shards")
     shards: list[dict] = [None] * wctx.num_shards
     with progress.stage("write", wctx.num_shards, "shards") as bar:
-        for n, info in enumerate(executor.imap(write_shard_task, range(wctx.num_shards), wctx), 1):
+        writer = LocalExecutor(config.workers) if ship else executor  # the spool is on this host only
+        for n, info in enumerate(writer.imap(write_shard_task, range(wctx.num_shards), wctx), 1):
             shards[info["index"]] = {k: v for k, v in info.items() if k != "index"}
             bar.advance(1, rows=info["rows"], tokens=info["tokens"])
             kill_hook(f"write:{n}")

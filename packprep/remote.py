@@ -12,8 +12,9 @@ build resumes from the local work folder (`workdir`) and skips every shard whose
 file's size, so finished shards are not uploaded again and a half-uploaded object (a store that shows partial
 writes) is overwritten. Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the
 build's files to a local cache once (skipping files already there with their size); `datasets.load_from_disk(url,
-storage_options=...)` reads the prefix through fsspec directly. Costs: one upload per output file (4 in flight),
-a listing and a stat per shard on start.
+storage_options=...)` reads the prefix through fsspec directly. With Ray, `Shipped` moves tokenize outputs back to
+the driver through Ray's object store, so a cluster needs no shared filesystem. Costs: one upload per output file
+(4 in flight), a listing and a stat per shard on start.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from packprep import storage
@@ -149,3 +152,60 @@ def stage(url: str, cache: str | Path | None = None) -> Path:
         if p.name not in names:
             p.unlink()
     return local
+
+
+# ---------------------------------------------------------------------------------------------------- Ray, no shared fs
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A tokenize context for Ray nodes that do not share the driver's disk: the tokenizer's files travel with it,
+    and a task run on another host spools to a folder of its own and returns its spool files to the driver (Ray's
+    object store carries them, ~5 bytes per token); `receive` puts them in the driver's spool. Write tasks then run
+    on the driver's host, so no node needs the driver's work folder."""
+
+    ctx: object  # tokenizer.TokenizeContext
+    host: str
+    tokenizer_files: dict
+
+    @classmethod
+    def of(cls, ctx) -> Shipped:
+        files = {p.name: p.read_bytes() for p in Path(ctx.tokenizer).iterdir() if p.is_file()}
+        return cls(ctx, socket.gethostname(), files)
+
+
+def shipped_tokenize(task, shipped: Shipped):
+    """tokenize_task on any node: (its result, None) on the driver's host, else (result, {file name: bytes})."""
+    from packprep import spool
+    from packprep.tokenizer import tokenize_task
+
+    if socket.gethostname() == shipped.host and not os.environ.get("PACKPREP_TEST_SHIP"):
+        return tokenize_task(task, shipped.ctx), None
+    key = hashlib.sha256(f"{shipped.host}:{shipped.ctx.spool}".encode()).hexdigest()[:16]
+    here = Path(tempfile.gettempdir()) / "packprep-ship" / key
+    tok = here / "tokenizer"
+    if not (tok / "done").exists():  # the tokenizer's files, written once per node
+        tok.mkdir(parents=True, exist_ok=True)
+        for name, data in shipped.tokenizer_files.items():
+            (tok / name).write_bytes(data)
+        (tok / "done").touch()
+    folder = here / "spool"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = tokenize_task(task, replace(shipped.ctx, tokenizer=str(tok), spool=str(folder)))
+    files = {}
+    for p in spool.paths(folder, task.index).values():
+        if p.exists():
+            files[p.name] = p.read_bytes()
+            p.unlink()
+    return result, files
+
+
+def receive(shipped_result, spool_dir: Path):
+    """The driver's side of `shipped_tokenize`: write returned spool files (the marker last), return the result."""
+    from packprep.shards import atomic_file
+
+    result, files = shipped_result
+    for name in sorted(files or {}, key=lambda n: n.endswith(".done.json")):
+        with atomic_file(Path(spool_dir) / name) as f:
+            f.write(files[name])
+    return result

@@ -1,7 +1,8 @@
 """A real S3 endpoint: moto's standalone server on 127.0.0.1 (started here), s3fs speaking HTTP to it, credentials and
 endpoint from the standard AWS_* environment. Inputs are read from the bucket (a glob over compressed and plain
 files), the build is written to the bucket, killed mid-upload and resumed to the same bytes, verified and inspected
-remotely, and opened by datasets through fsspec."""
+remotely, and opened by datasets through fsspec; a Ray build whose tasks run "elsewhere" (their own spool folder,
+outputs shipped back through Ray) writes the same bytes."""
 
 from __future__ import annotations
 
@@ -116,3 +117,22 @@ def test_killed_mid_upload_resumes_to_same_bytes(s3, reference, tmp_path):
     assert sum(before[p] == after[p] for p in before) == len(before) - 1  # only the half-uploaded object went again
     assert verify(url).ok
     assert not Path(work / ".packprep-work").exists()
+
+
+def test_ray_without_a_shared_filesystem(s3, reference, tmp_path, monkeypatch):
+    """PACKPREP_TEST_SHIP makes every Ray task behave as on another host: it spools to its own folder with its own
+    copy of the tokenizer, and the driver receives the spool files through Ray's object store."""
+    ray = pytest.importorskip("ray")
+    fs, _ = s3
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PACKPREP_TEST_SHIP": "1"}})
+    try:
+        m = build(BuildConfig(inputs=("s3://corp/in/*.jsonl*",), out="s3://corp/builds/ray", executor="ray",
+                              work_dir=str(tmp_path / "work"), **SETTINGS)).manifest
+    finally:
+        ray.shutdown()
+    assert _remote_digests(fs, "corp/builds/ray") == reference and m["counts"]["input_docs"] == 3000
+    import tempfile
+
+    assert list((Path(tempfile.gettempdir()) / "packprep-ship").glob("*/tokenizer/tokenizer.json"))
