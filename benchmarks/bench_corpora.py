@@ -8,7 +8,7 @@ inputs + output vs local, with the same data bytes required of each pair.
 Variants alternate within each round (A B A B ...), so a shared, noisy machine hurts both alike; medians are
 reported. Each build is one `packprep build` command, timed by bench_build.measure.
 
-usage: python benchmarks/bench_corpora.py [--rounds 2] [--workers 2] [--only zst|s3]
+usage: python benchmarks/bench_corpora.py [--rounds 2] [--workers 2] [--only zst|s3] [--zst-scale 10]
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def run_pairs(name: str, variants: dict, rounds: int) -> dict:
     return {"walls": walls, "same_bytes": same}
 
 
-def bench_zst(workers: int, rounds: int, tmp: Path) -> dict:
-    src = make_corpus(10)
+def bench_zst(workers: int, rounds: int, tmp: Path, scale: int = 10) -> dict:
+    src = make_corpus(scale)
     zst = zst_copy(src)
     print(f"zst: {src.name} {src.stat().st_size / 1e6:.0f} MB, {zst.name} {zst.stat().st_size / 1e6:.0f} MB")
     outs = {k: tmp / f"zst-{k}" for k in ("jsonl", "jsonl.zst")}
@@ -130,13 +130,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", choices=["zst", "s3"])
+    ap.add_argument("--zst-scale", type=int, default=10, help="corpus of the zst pair (10: ~133.6M tokens)")
     args = ap.parse_args()
     if not TOKENIZER.exists():
         raise SystemExit(f"{TOKENIZER} missing: run python benchmarks/make_qwen_tokenizer.py first")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-corpora-") as tmp:
         if args.only in (None, "zst"):
-            results["zst"] = (bench_zst(args.workers, args.rounds, Path(tmp)), "jsonl", "jsonl.zst", 1.1)
+            zst = bench_zst(args.workers, args.rounds, Path(tmp), args.zst_scale)
+            results["zst"] = (zst, "jsonl", "jsonl.zst", 1.1)
         if args.only in (None, "s3"):
             results["s3"] = (bench_s3(args.workers, args.rounds, Path(tmp)), "local", "s3", 1.2)
     print(f"\nsummary ({args.rounds} interleaved rounds, --workers {args.workers}, medians; on a shared machine "

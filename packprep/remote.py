@@ -65,7 +65,7 @@ def check(url: str, ident: dict, overwrite: bool) -> dict | None:
                               "choose another --out")
     if MANIFEST in names:
         old = json.loads(fs.cat_file(storage.join(root, MANIFEST)))
-        diff = same_build(old, ident)
+        diff = same_build(old, ident, storage.join(url, MANIFEST))
         if not diff:
             return old
         if not overwrite:

@@ -62,13 +62,13 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diff
 
 
-def same_build(manifest: dict, ident: dict) -> list[str]:
-    """What differs between a finished build's manifest and this build's identity ([] : the same build)."""
+def same_build(manifest: dict, ident: dict, where: str = MANIFEST) -> list[str]:
+    """What differs between a finished build's manifest and this build's identity ([]: the same build)."""
     try:
         old_id = {"config": BuildConfig(**manifest["config"]).output_keys(), "inputs": manifest["inputs"]["specs"],
                   "tokenizer": manifest["tokenizer"]["sha256"]}
     except (KeyError, TypeError, ValueError) as e:  # another packprep version's manifest, or edited by hand
-        raise ValueError(f"{MANIFEST} is not a manifest this packprep version reads ({e!r}); pass --overwrite to "
+        raise ValueError(f"{where} is not a manifest this packprep version reads ({e!r}); pass --overwrite to "
                          "replace that build or choose another --out") from None
     return _differences(old_id, ident)
 
@@ -95,7 +95,7 @@ def check_out(out: Path, config: BuildConfig, ident: dict) -> dict | None:
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         try:
-            diff = same_build(old, ident)
+            diff = same_build(old, ident, str(manifest_path))
         except ValueError:
             if not config.overwrite:
                 raise

@@ -35,7 +35,7 @@ def open_input(path, start: int = 0, stop: int | None = None, *, seekable: bool 
     compressed file into memory (JSON arrays and the error path, which must seek)."""
     path = str(path)
     name = compressed.codec(path)
-    raw = _open_raw(path)
+    raw = _open_raw(path, 8 << 20 if name else 256 << 10)
     if name is None:
         return raw
     if start or stop is not None:
@@ -48,10 +48,12 @@ def open_input(path, start: int = 0, stop: int | None = None, *, seekable: bool 
     return f
 
 
-def _open_raw(path: str) -> pa.NativeFile:
+def _open_raw(path: str, read_ahead: int) -> pa.NativeFile:
+    """A local memory map, or a remote file read ahead by `read_ahead` bytes past each request (a task's range is one
+    request; a decompressing stream's many small reads need a large read-ahead)."""
     if storage.is_remote(path):
         fs, p = storage.filesystem(path)
-        return pa.PythonFile(fs.open(p, "rb", block_size=8 << 20, cache_type="readahead"), mode="r")
+        return pa.PythonFile(fs.open(p, "rb", block_size=read_ahead, cache_type="readahead"), mode="r")
     return pa.memory_map(path, "r")  # no copy, no read-ahead
 
 
