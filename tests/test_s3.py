@@ -133,6 +133,13 @@ def test_ray_without_a_shared_filesystem(s3, reference, tmp_path, monkeypatch):
     finally:
         ray.shutdown()
     assert _remote_digests(fs, "corp/builds/ray") == reference and m["counts"]["input_docs"] == 3000
+    import shutil
+    import socket
     import tempfile
 
-    assert list((Path(tempfile.gettempdir()) / "packprep-ship").glob("*/tokenizer/tokenizer.json"))
+    spool = tmp_path / "work" / ".packprep-work" / "spool"  # the driver's spool, named in the tasks' own folder
+    key = hashlib.sha256(f"{socket.gethostname()}:{spool}".encode()).hexdigest()[:16]
+    shipped = Path(tempfile.gettempdir()) / "packprep-ship" / key
+    assert (shipped / "tokenizer" / "tokenizer.json").is_file()  # the tasks ran on their own copy of the tokenizer
+    assert shipped.is_dir() and not list((shipped / "spool").iterdir())  # and their spool files were shipped away
+    shutil.rmtree(shipped)
