@@ -7,7 +7,8 @@ Each stage lives in its own module and owns its files: `inputs` + `readers` + `r
 record formats), `tokenizer` (the tokenize task), `spool`, `layout`, `write` + `shards`, and `workdir` (the lock,
 the build identity, resume). Tasks run on an executor (`packprep.executor`, or Ray) and their results are ordered
 by task index here, so the bytes do not depend on --workers. A build killed anywhere is finished by rerunning the
-same command (see `workdir`).
+same command (see `workdir`). A remote --out (s3://...) is built in a local work folder and published shard by
+shard, manifest last (`remote`).
 
 Cost: tokenizer-bound (the tokenize stage is nearly all of the time; benchmarks/RESULTS.md). The driver holds the
 int32 length array (4 bytes per document) and the plan (~40 bytes per piece); workers hold one task at a time.
@@ -15,6 +16,7 @@ int32 length array (4 bytes per document) and the plan (~40 bytes per piece); wo
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +24,16 @@ from pathlib import Path
 import numpy as np
 
 import packprep
-from packprep import layout, spool, workdir
+from packprep import layout, remote, spool, storage, workdir
 from packprep.config import BuildConfig
-from packprep.executor import Executor, make_executor
+from packprep.executor import Executor, LocalExecutor, make_executor
 from packprep.inputs import (
     DEFAULT_CORPUS,
     TASK_PLAN_VERSION,
     changed_inputs,
     check_apart,
     expand_inputs,
+    file_size,
     fingerprint,
     plan_tasks,
     resolve_inputs,
@@ -53,7 +56,7 @@ from packprep.write import WriteContext, dataset_fingerprint, shard_done, write_
 
 @dataclass(frozen=True)
 class BuildResult:
-    out: Path
+    out: Path | str  # the output folder, or the URL of a remote one
     manifest: dict
     already_built: bool = False  # the folder held a finished build of the same config and inputs
 
@@ -64,18 +67,24 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
     Resumable: rerunning the same config on an unfinished OUT reuses every finished task (`packprep.workdir`).
     """
     progress = progress or Progress(enabled=False)
+    storage.configure(config.storage_options)  # before workers start: they inherit it
+    url = config.out if storage.is_remote(config.out) else None
+    out = remote.work_dir(config) if url else Path(config.out)
     own = executor is None
     executor = executor or make_executor(config.executor, config.workers, config.ray_address)
     try:
-        with workdir.locked(Path(config.out)):
-            return _build(config, progress, executor)
+        with workdir.locked(out):
+            result = _build(config, progress, executor, out, url)
+        if url and not result.already_built:
+            _clean_local(out, config)
+        return result
     finally:
         if own:
             getattr(executor, "shutdown", lambda: None)()  # a Ray runtime this build started stops with it
 
 
-def _build(config: BuildConfig, progress: Progress, executor: Executor) -> BuildResult:
-    out, t0, timings = Path(config.out), time.perf_counter(), {}
+def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Path, url: str | None) -> BuildResult:
+    t0, timings = time.perf_counter(), {}
     inputs = list(config.inputs) or [DEFAULT_CORPUS]
     expansion = expand_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
     files = expansion.files if expansion else None
@@ -84,12 +93,18 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         _log_expansion(progress, expansion)
     fingerprints = [fingerprint(s) for s in inputs]  # content hashes: a rewritten input is another build
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
+    if url and (published := remote.check(url, ident, config.overwrite)) is not None:
+        return BuildResult(url, published, already_built=True)
     previous = workdir.check_out(out, config, ident)
     if previous is not None:
+        if url:  # finished here, killed while publishing
+            _publish(remote.Uploader(url, out, ident), out, previous)
+            return BuildResult(url, previous)
         _check_finished(out, previous, config, progress)
         workdir.finish(out)  # a build killed after its manifest, before its work folder was removed
         return BuildResult(out, previous, already_built=True)
     resumed = workdir.prepare(out, ident, config.overwrite, progress)
+    uploader = remote.Uploader(url, out, ident) if url else None
     work = workdir.path(out)
 
     # plan: inputs -> files -> read tasks; the tokenizer resolved to a local folder and loaded once
@@ -117,9 +132,12 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     reused = {"tokenize_tasks": sum(spool.finished(spool_dir, i) is not None for i in range(len(tasks)))}
     results: list[spool.TaskResult] = [None] * len(tasks)
     ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error)
+    ship = url is not None and config.executor == "ray"  # Ray nodes need no shared disk: outputs come back
+    stage_fn, stage_ctx = (remote.shipped_tokenize, remote.Shipped.of(ctx)) if ship else (tokenize_task, ctx)
     try:
         with progress.stage("tokenize", len(tasks), "chunks") as bar:
-            for n, r in enumerate(executor.imap(tokenize_task, tasks, ctx), 1):
+            for n, r in enumerate(executor.imap(stage_fn, tasks, stage_ctx), 1):
+                r = remote.receive(r, spool_dir) if ship else r
                 results[r.index] = r
                 bar.advance(1, docs=r.docs, tokens=r.tokens)
                 kill_hook(f"tokenize:{n}")
@@ -164,10 +182,14 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
                      f"{'the' if reused['layout'] else 'no'} packing plan, {reused['shards']}/{wctx.num_shards} shards")
     shards: list[dict] = [None] * wctx.num_shards
     with progress.stage("write", wctx.num_shards, "shards") as bar:
-        for n, info in enumerate(executor.imap(write_shard_task, range(wctx.num_shards), wctx), 1):
+        writer = LocalExecutor(config.workers) if ship else executor  # the spool is on this host only
+        for n, info in enumerate(writer.imap(write_shard_task, range(wctx.num_shards), wctx), 1):
             shards[info["index"]] = {k: v for k, v in info.items() if k != "index"}
             bar.advance(1, rows=info["rows"], tokens=info["tokens"])
             kill_hook(f"write:{n}")
+            if uploader:
+                uploader.shard(info["file"])
+                kill_hook(f"upload:{n}")  # test hook: dies with uploads in flight
     counts["loss_tokens"] = sum(s["loss_tokens"] for s in shards)
     data_fingerprint = dataset_fingerprint(shards)
     write_hf_metadata(out, [s["file"] for s in shards], data_fingerprint, description="packprep build")
@@ -180,7 +202,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         "format_version": FORMAT_VERSION,
         "packprep_version": packprep.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "storage_options": storage.redacted(config.storage_options)},
         "tokenizer": {"name": config.tokenizer, "sha256": tokenizer_sha256(tok_dir), "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id},
         "inputs": _input_records(fingerprints, files, tasks, results, expansion),
@@ -197,6 +219,9 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     }
     write_json_atomic(out / MANIFEST, manifest)
     spool.delete(spool_dir)
+    if uploader:
+        _publish(uploader, out, manifest)
+        return BuildResult(url, manifest)
     workdir.finish(out)
     return BuildResult(out, manifest)
 
@@ -249,6 +274,25 @@ def _check_finished(out: Path, manifest: dict, config: BuildConfig, progress: Pr
                      "with --overwrite to rebuild it (packprep verify lists every problem)")
 
 
+def _publish(uploader: remote.Uploader, out: Path, manifest: dict) -> None:
+    """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
+    with uploader:
+        for s in manifest["shards"]:
+            uploader.shard(s["file"])
+        uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
+
+
+def _clean_local(out: Path, config: BuildConfig) -> None:
+    """A published build's local copy goes: the default work folder whole, a --work-dir's build files."""
+    if not config.work_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    workdir.finish(out)
+    for p in [*out.glob("data-*-of-*.arrow"), *(out / n for n in ("state.json", "dataset_info.json", MANIFEST,
+                                                                  "rejects.jsonl"))]:
+        p.unlink(missing_ok=True)
+
+
 def _input_records(fingerprints, files, tasks, results, expansion=None) -> dict:
     """{"specs": what was asked for (path, size, content hash of each file), "files": per file kind, format, docs,
     "ignored": each file a folder or glob held that was left out, with the reason}."""
@@ -259,5 +303,5 @@ def _input_records(fingerprints, files, tasks, results, expansion=None) -> dict:
         fmt[task.path] = task.format.name
     return {"specs": fingerprints,
             "files": [{"path": str(f), "kind": k, "format": fmt.get(str(f)), "docs": docs.get(str(f), 0),
-                       "bytes": f.stat().st_size} for f, k in files],
+                       "bytes": file_size(f)} for f, k in files],
             "ignored": [{"path": p, "reason": why} for p, why in (expansion.ignored if expansion else [])]}

@@ -55,7 +55,8 @@ class BuildConfig:
 
     inputs: tuple[str, ...] = setting((), """Input files, globs or folders (JSONL, JSON, Parquet, Arrow, CSV, HF
         save_to_disk folders). None given: the embedded default corpus (the Python standard library's own sources).""")
-    out: str = setting(DEFAULT_OUT, "Output folder (shards, HF metadata, packprep.json manifest).")
+    out: str = setting(DEFAULT_OUT, """Output folder (shards, HF metadata, packprep.json manifest): a local path or an
+        fsspec URL (s3://bucket/prefix, gs://, az://), uploaded shard by shard with the manifest last.""")
     tokenizer: str = setting(DEFAULT_TOKENIZER, """Hugging Face tokenizer: a local folder or tokenizer.json, a hub
         name when online, or 'builtin'.""")
     seq_len: int = setting(4096, "Tokens per packed row (the training context length).")
@@ -87,6 +88,11 @@ class BuildConfig:
         Ray cluster; same bytes).""")
     ray_address: str | None = setting(None, """Ray cluster to join with --executor ray ('auto', 'HOST:6379',
         'ray://HOST:10001'; default: RAY_ADDRESS, else a local Ray runtime).""")
+    storage_options: str | None = setting(None, """JSON object of fsspec filesystem options for remote inputs and
+        output (e.g. '{"anon": true}'; per protocol: '{"s3": {...}, "gs": {...}}'); credentials and endpoints
+        otherwise come from each store's environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).""")
+    work_dir: str | None = setting(None, """Local work folder of a build with a remote --out (spool, shards before
+        upload, resume state; default: under the system temp folder, named after the output URL).""")
 
     def __post_init__(self):
         if isinstance(self.inputs, (str, Path)):
@@ -106,6 +112,10 @@ class BuildConfig:
         if not self.tokenizer:
             raise ValueError("tokenizer must name a local folder, a tokenizer.json, a hub name or 'builtin'")
         _check_field_flags(self)
+        if self.storage_options is not None:
+            from packprep.storage import parse_options
+
+            parse_options(self.storage_options)
 
     @property
     def rows_per_shard(self) -> int:
@@ -120,7 +130,8 @@ class BuildConfig:
     def output_keys(self) -> dict:
         """The settings the output bytes depend on (workers and chunk size do not change a byte)."""
         d = self.to_dict()
-        for k in ("workers", "chunk_bytes", "out", "overwrite", "check", "executor", "ray_address"):
+        for k in ("workers", "chunk_bytes", "out", "overwrite", "check", "executor", "ray_address", "storage_options",
+                  "work_dir"):
             d.pop(k)
         return d
 

@@ -17,6 +17,11 @@ without xxhash), not by size and mtime, which `cp -p` and `rsync -t` keep: a bui
 it at the start, and once after tokenizing (`changed_inputs`), so an input changed under the build is an error,
 not half a corpus.
 With no inputs a build reads the embedded default corpus, `stdlib_corpus`.
+
+Inputs may be fsspec URLs (`s3://corp/chat/*.jsonl.zst`, `gs://`, `az://`, `hf://`, `https://`; `packprep.storage`):
+globs are expanded by the store's listing, a remote file is named by its URL, and its fingerprint is the store's
+metadata (size and ETag, else mtime): one listing per spec. Compressed files (`a.jsonl.zst`) have the kind of the
+name inside; the magic bytes decide the compression (`readers.compressed`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from packprep.readers import READERS, SUFFIXES, hf, json_array, jsonl
+from packprep import storage
+from packprep.readers import READERS, SUFFIXES, compressed, hf, json_array, jsonl
 from packprep.readers.base import first_line, open_input
 from packprep.records import Format, resolve_format
 
@@ -61,12 +67,13 @@ class ReadTask:
 class Expansion:
     """What input specs expand to: the files taken, (file, kind), and every file or folder left out, (path, reason)."""
 
-    files: list[tuple[Path, str]] = field(default_factory=list)
+    files: list[tuple[Path | str, str]] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
-def resolve_inputs(inputs) -> list[tuple[Path, str]]:
-    """Expand paths, globs, folders and HF save_to_disk folders into (file, kind) in a stable order."""
+def resolve_inputs(inputs) -> list[tuple[Path | str, str]]:
+    """Expand paths, globs, folders and HF save_to_disk folders into (file, kind) in a stable order (a local file as
+    a Path, a remote one as its URL)."""
     return expand_inputs(inputs).files
 
 
@@ -77,7 +84,9 @@ def expand_inputs(inputs) -> Expansion:
     exp = Expansion()
     for spec in inputs:
         spec = str(spec)
-        if any(c in spec for c in "*?["):
+        if storage.is_remote(spec):
+            exp.files += _resolve_remote(spec)
+        elif any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"no input matches {spec!r}")
@@ -100,17 +109,58 @@ def _ignored_line(ignored: list[tuple[str, str]], limit: int = 5) -> str:
     return "; ".join(f"{p} ({why})" for p, why in ignored[:limit]) + more
 
 
+def _resolve_remote(spec: str) -> list[tuple[str, str]]:
+    fs, path = storage.filesystem(spec)
+    if any(c in path for c in "*?["):
+        matches = sorted(fs.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"no input matches {spec!r}")
+        return [f for m in matches for f in _expand_remote(fs, m)]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input not found: {spec}")
+    return _expand_remote(fs, path, explicit=True)
+
+
+def _expand_remote(fs, path: str, explicit: bool = False) -> list[tuple[str, str]]:
+    """The remote twin of `_expand`: a file, a save_to_disk folder (state.json) or a folder listed in order."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if fs.isfile(path):
+        kind = file_kind(name, storage.url(fs, path)) if explicit else _kind(name)
+        return [(storage.url(fs, path), kind)] if kind and name not in hf.METADATA_FILES else []
+    state = storage.join(path, "state.json")
+    if fs.exists(state):
+        files = json.loads(fs.cat_file(state))["_data_files"]
+        return [(storage.url(fs, storage.join(path, f["filename"])), "arrow") for f in files]
+    out = []
+    for child in sorted(fs.ls(path, detail=False)):
+        if not child.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")):
+            out += _expand_remote(fs, child)
+    return out
+
+
+def _kind(name: str) -> str | None:
+    """The reader kind of a file name, looking inside a compression suffix: 'a.jsonl.zst' -> 'jsonl'."""
+    return SUFFIXES.get(Path(compressed.inner_name(name)).suffix.lower())
+
+
+def file_size(f) -> int:
+    if isinstance(f, Path):
+        return f.stat().st_size
+    fs, path = storage.filesystem(f)
+    return fs.size(path)
+
+
 def _expand(p: Path, exp: Expansion, explicit: bool = False) -> None:
     if p.is_file():
         if explicit:
-            exp.files.append((p, file_kind(p)))
+            exp.files.append((p, file_kind(p.name, p)))
         elif p.name in hf.METADATA_FILES:
             exp.ignored.append((str(p), f"{p.name} is dataset metadata, not records (pass the file itself to read it)"))
-        elif SUFFIXES.get(p.suffix.lower()) is None:
-            exp.ignored.append((str(p), f"not an input format ({p.suffix or 'no extension'}; "
-                                        f"reads {', '.join(sorted(SUFFIXES))})"))
+        elif _kind(p.name) is None:
+            exp.ignored.append((str(p), f"not an input format ({p.suffix or 'no extension'}; reads "
+                                        f"{', '.join(sorted(SUFFIXES))}, optionally {', '.join(compressed.SUFFIXES)})"))
         else:
-            exp.files.append((p, SUFFIXES[p.suffix.lower()]))
+            exp.files.append((p, _kind(p.name)))
         return
     if not p.is_dir():
         exp.ignored.append((str(p), "not a regular file or folder"))
@@ -139,24 +189,30 @@ def check_apart(inputs, files: list[tuple[Path, str]], out: Path) -> None:
                 raise ValueError(f"--out {out} lies inside the input folder {p}; a rerun would read the build's own "
                                  "shards as input: choose an --out outside it")
     for f, _ in files:
-        if f.resolve().is_relative_to(out):
+        if isinstance(f, Path) and f.resolve().is_relative_to(out):
             raise ValueError(f"input {f} lies inside --out {out}; move it out or choose another --out")
 
 
-def file_kind(path: Path) -> str:
-    kind = SUFFIXES.get(path.suffix.lower())
+def file_kind(name: str, where) -> str:
+    kind = _kind(name)
     if kind is None:
-        raise ValueError(f"{path}: unknown input format {path.suffix or '(no extension)'!r}; "
-                         f"expected one of {', '.join(sorted(SUFFIXES))}")
+        suffix = Path(compressed.inner_name(name)).suffix
+        raise ValueError(f"{where}: unknown input format {suffix or '(no extension)'!r}; expected one of "
+                         f"{', '.join(sorted(SUFFIXES))}, optionally compressed ({', '.join(compressed.SUFFIXES)})")
     return kind
 
 
-def fingerprint(spec: str, files: list[tuple[Path, str]] | None = None) -> dict:
+def fingerprint(spec: str, files: list[tuple[Path | str, str]] | None = None) -> dict:
     """What identifies an input for 'is this the same build?': path, size and content hash of every file it names
-    (the content, not the mtime: `cp -p` and `rsync -t` keep size and mtime of a rewritten file)."""
+    (the content, not the mtime: `cp -p` and `rsync -t` keep size and mtime of a rewritten file). A remote file: URL,
+    size and the store's ETag (else mtime), from one listing."""
     if spec == DEFAULT_CORPUS:
         return {"input": spec, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
     files = resolve_inputs([spec]) if files is None else files
+    if storage.is_remote(spec):
+        fs = storage.filesystem(spec)[0]
+        return {"input": spec, "files": [[f, *storage.fingerprint_info(fs.info(storage.filesystem(f)[1]))]
+                                         for f, _ in files]}
     return {"input": spec, "files": [[str(f), f.stat().st_size, content_hash(f)] for f, _ in files]}
 
 
@@ -184,6 +240,12 @@ def changed_inputs(fingerprints: list[dict]) -> list[str]:
     changed = []
     for fp in fingerprints:
         for path, size, digest in fp.get("files", []):
+            if storage.is_remote(path):
+                fs, key = storage.filesystem(path)
+                now = storage.fingerprint_info(fs.info(key)) if fs.exists(key) else None
+                if now != [size, digest]:
+                    changed.append(f"{path} ({'deleted' if now is None else 'size or ETag changed'})")
+                continue
             p = Path(path)
             if not p.is_file():
                 changed.append(f"{path} (deleted)")
@@ -201,16 +263,19 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
     """Split files into read tasks and resolve each file's record format (raises on a missing field)."""
     tasks: list[ReadTask] = []
     for path, kind in files:
-        if path.stat().st_size == 0:
+        if file_size(path) == 0:
             continue  # an empty file holds no records (it still counts as an input in the manifest)
-        with open_input(path, mmap=kind == "arrow") as f:
-            if kind == "json" and not json_array.is_array(f):
-                kind = "jsonl"
-            try:
+        if kind == "json":
+            with open_input(path) as f:
+                kind = "json" if json_array.is_array(f) else "jsonl"
+        try:
+            with open_input(path, mmap=kind == "arrow") as f:
                 schema, ranges = READERS[kind].plan(f, path, chunk_bytes)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, json.JSONDecodeError, UnicodeDecodeError,
-                    RecursionError) as e:
-                raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
+            if schema is not None and kind == "jsonl" and compressed.codec(str(path)):
+                ranges = compressed.line_ranges(str(path), chunk_bytes, lambda a, b: open_input(path, a, b))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, json.JSONDecodeError, UnicodeDecodeError,
+                RecursionError) as e:
+            raise ValueError(f"{path}: cannot read as {kind}: {first_line(e)}") from None
         if schema is None:
             continue  # no records (blank lines, an empty array): ignored like an empty file
         fmt = resolve_format(path, schema, format, **fields)
@@ -226,7 +291,7 @@ def _split_tail(tasks: list[ReadTask], chunk_bytes: int) -> list[ReadTask]:
     number of workers), like the rest of the plan; the output does not depend on the plan at all.
     """
     i, budget = len(tasks), TAIL_CHUNKS * chunk_bytes
-    while i > 0 and budget > 0 and tasks[i - 1].kind == "jsonl":
+    while i > 0 and budget > 0 and tasks[i - 1].kind == "jsonl" and not compressed.codec(tasks[i - 1].path):
         i -= 1
         budget -= tasks[i].stop - tasks[i].start
     small = max(1, chunk_bytes // TAIL_SPLIT)

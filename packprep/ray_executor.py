@@ -53,6 +53,10 @@ class RayExecutor:
         if not ray.is_initialized():
             # Workers import the stage functions by name: packprep must be installed on every node (pipelines/).
             kwargs = dict(include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+            from packprep.storage import ENV  # --storage-options reach the tasks' filesystems too
+
+            if os.environ.get(ENV):
+                kwargs["runtime_env"] = {"env_vars": {ENV: os.environ[ENV]}}
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:

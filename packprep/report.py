@@ -119,6 +119,14 @@ def summary_table(manifest: dict, title: str = "packprep build") -> Table:
 def load_manifest(out: str | Path) -> dict:
     import json
 
+    from packprep import storage
+
+    if storage.is_remote(out):  # only the manifest is read
+        fs, root = storage.filesystem(out)
+        try:
+            return json.loads(fs.cat_file(storage.join(root, MANIFEST)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{out}: no {MANIFEST} (not a finished packprep build)") from None
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{out}: no {MANIFEST} (not a finished packprep build); run `packprep build` first")
@@ -127,8 +135,10 @@ def load_manifest(out: str | Path) -> dict:
 
 def row_histograms(out: str | Path) -> dict[str, np.ndarray]:
     """Per row: tokens, documents; per piece: length. Read from list offsets only (no token pages touched)."""
+    from packprep.remote import stage
+
     fill, docs, lengths = [], [], []
-    for f in shard_files(out):
+    for f in shard_files(stage(str(out))):
         table = open_shard(f)
         for chunk in table.column("input_ids").chunks:
             fill.append(np.diff(chunk.offsets.to_numpy()))

@@ -45,7 +45,10 @@ class Report:
 
 
 def verify(out: str | Path) -> Report:
-    out, report = Path(out), Report()
+    """Check a build folder (a remote build, s3://..., is staged to a local cache first: `remote.stage`)."""
+    from packprep.remote import stage
+
+    out, report = stage(str(out)), Report()
     try:
         return _verify(out, report)
     except (KeyError, TypeError, AttributeError, ValueError, MemoryError) as e:  # another version's, or hand-edited

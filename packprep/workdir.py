@@ -72,6 +72,25 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diff
 
 
+def same_build(manifest: dict, ident: dict, where: str = MANIFEST, on_error: str | None = None) -> list[str]:
+    """What differs between a finished build's manifest and this build's identity ([]: the same build). on_error is
+    not part of the identity (a finished task had no bad record under raise), except that a build which set records
+    aside under skip is not the same output under raise."""
+    try:
+        old_config = BuildConfig(**manifest["config"])
+        old_id = {"config": old_config.output_keys(), "inputs": manifest["inputs"]["specs"],
+                  "tokenizer": manifest["tokenizer"]["sha256"]}
+        old_id["config"].pop("on_error")
+        rejected = int(manifest["counts"]["rejected"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # another version's manifest, or edited by hand
+        raise ValueError(f"{where} is not a manifest this packprep version reads ({e!r}); pass --overwrite to "
+                         "replace that build or choose another --out") from None
+    diff = _differences(old_id, ident)
+    if on_error is not None and rejected and old_config.on_error != on_error:  # under raise, a reject stops a build
+        diff.append(f"on_error: {old_config.on_error!r} -> {on_error!r} (that build set {rejected} record(s) aside)")
+    return diff
+
+
 def _is_ours(out: Path) -> bool:
     """An unfinished packprep build: its work folder, or (a build whose removal by --overwrite was cut short) the
     dataset_info.json packprep writes. A plain `datasets.save_to_disk` folder is not ours: its shards stay."""
@@ -94,20 +113,14 @@ def check_out(out: Path, config: BuildConfig, ident: dict) -> dict | None:
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
-            old_config = BuildConfig(**old["config"])
-            old_id = {"config": old_config.output_keys(), "inputs": old["inputs"]["specs"],
-                      "tokenizer": old["tokenizer"]["sha256"]}
-            old_id["config"].pop("on_error")
-            rejected = int(old["counts"]["rejected"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # another version's manifest, or edited by hand
-            old, old_id = {}, None
+        except ValueError as e:  # not JSON: same_build names it
+            old = {"unreadable": repr(e)}
+        try:
+            diff = same_build(old, ident, str(manifest_path), config.on_error)
+        except ValueError:
             if not config.overwrite:
-                raise ValueError(f"{manifest_path} is not a manifest this packprep version reads ({e!r}); pass "
-                                 "--overwrite to replace that build or choose another --out") from None
-        diff = _differences(old_id, ident) if old_id else ["an unreadable manifest"]
-        if old_id and rejected and old_config.on_error != config.on_error:  # under raise, a reject stops the build
-            diff.append(f"on_error: {old_config.on_error!r} -> {config.on_error!r} (that build set {rejected} "
-                        "record(s) aside)")
+                raise
+            old, diff = {}, ["an unreadable manifest"]
         if not diff:
             return old
         if not config.overwrite:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from packprep.remote import stage
 from packprep.shards import MANIFEST, open_shard, sha256_file
 
 IGNORE_INDEX = -100
@@ -196,7 +197,7 @@ class PackedShards(torch.utils.data.IterableDataset):
             raise ValueError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens={batch_tokens} must be positive")
-        self.path = Path(path)
+        self.path = stage(str(path))  # a remote build (s3://...) is copied to a local cache once
         self.info = BuildInfo.read(self.path)
         self.files = self.info.check_files(self.path, verify)
         self.batch_tokens, self.seed, self.rank, self.world_size = int(batch_tokens), int(seed), rank, world_size

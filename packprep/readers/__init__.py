@@ -10,6 +10,7 @@
 | .arrow .feather .ipc      | arrow   | arrow.py        | record batches (also HF save_to_disk files) |
 | .csv .tsv                 | csv     | csv.py          | the whole file                              |
 HF save_to_disk folders are listed by hf.py and read by arrow.py. Adding a format adds a module and a row here.
+Text formats may be compressed (.gz .zst .bz2 .xz after the suffix, or detected by magic bytes): compressed.py.
 
 `read_task` opens the task's file once, runs the reader, and checks each part's columns at once
 (`records.table_ok`); only a part that fails goes record by record through Python (`records.to_docs`).
@@ -23,7 +24,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from packprep.readers import arrow, csv, json_array, jsonl, parquet
-from packprep.readers.base import first_line, open_input
+from packprep.readers.base import first_line, open_task
 from packprep.records import Docs, Reject, table_ok, table_records, to_docs
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
@@ -40,7 +41,7 @@ def read_task(task, batch_rows: int = 2048, rejects: list[Reject] | None = None)
     that fails those checks is read again record by record, in Python, to find the bad ones.
     """
     seen = 0  # records of this task so far
-    with open_input(task.path, mmap=task.kind == "arrow") as f:
+    with open_task(task) as f:
         for records, locate in _checked_parts(f, task):
             n = records.num_rows if isinstance(records, pa.Table) else len(records)
             for off in range(0, n, batch_rows):

@@ -2,7 +2,8 @@
 
 pyarrow's streaming CSV reader parses the file in blocks (every column read as text); a row with the wrong number
 of columns is set aside by pyarrow and reported after the batch it was in, located by searching the file for its
-text (error path only). Rejects are located by 1-based line (exact unless a value holds a newline).
+text (error path only). A compressed CSV is parsed from the decompressing stream as it comes. Rejects are
+located by 1-based line (exact unless a value holds a newline).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from packprep.readers.base import Part, line_of_text
+from packprep.readers.compressed import inner_name
 from packprep.records import RAW_PREFIX, BadRecord
 
 
 def plan(f: pa.NativeFile, path, chunk_bytes: int) -> tuple[pa.Schema | None, list[tuple[int, int]]]:
     parse = _parse_options(path)
     parse.invalid_row_handler = lambda row: "skip"  # the read reports bad rows
-    f.seek(0)
+    if f.seekable():
+        f.seek(0)
     return pcsv.open_csv(f, parse_options=parse).schema, [(0, 1)]
 
 
@@ -31,7 +34,8 @@ def read(f: pa.NativeFile, task) -> Iterator[Part]:
     parse = _parse_options(task.path)
     parse.invalid_row_handler = lambda r: bad.append(r) or "skip"
     as_text = pcsv.ConvertOptions(column_types={c: pa.string() for c in task.format.fields})
-    f.seek(0)
+    if f.seekable():
+        f.seek(0)
     reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(use_threads=False), parse_options=parse,
                            convert_options=as_text)
     row = 2  # the next record's row number (1-based, the header is row 1)
@@ -57,4 +61,5 @@ def _bad_row(r, path) -> Part:
 
 
 def _parse_options(path) -> pcsv.ParseOptions:
-    return pcsv.ParseOptions(delimiter="\t" if Path(path).suffix.lower() == ".tsv" else ",", newlines_in_values=True)
+    tsv = Path(inner_name(str(path))).suffix.lower() == ".tsv"
+    return pcsv.ParseOptions(delimiter="\t" if tsv else ",", newlines_in_values=True)

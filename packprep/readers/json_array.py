@@ -8,7 +8,7 @@ after the previous cut becomes a cut. The ranges (array_start + 1 .. cut0), (cut
 (cutN + 1 .. end) each hold whole elements separated by commas, so `json.loads("[" + range + "]")` parses one:
 a task costs one `json.loads` of its range into Python objects (slower than pyarrow's JSONL path). The scan does
 not validate JSON (a task's parse does, with the file's line and column); it only needs balanced brackets and
-strings.
+strings. A compressed file is one task, decompressed into memory.
 """
 
 from __future__ import annotations
@@ -31,18 +31,24 @@ _PARSE_WHOLE_MAX = 256 << 20  # a file that is not one balanced array: parsed wh
 
 def is_array(f: pa.NativeFile) -> bool:
     """A .json file holds either one array of records or JSON lines: the first non-space byte tells."""
-    f.seek(0)
+    if f.seekable():
+        f.seek(0)
     return f.read(4096).lstrip()[:1] == b"["
 
 
 def plan(f: pa.NativeFile, path, chunk_bytes: int) -> tuple[pa.Schema | None, list[tuple[int, int]]]:
-    """The union schema of the first elements (parses only the first range) and ranges of ~chunk_bytes."""
+    """The union schema of the first elements (parses only the first range) and ranges of ~chunk_bytes (one range
+    for a compressed file: each task would decompress it whole)."""
+    if not f.seekable():
+        f, chunk_bytes = pa.BufferReader(f.read_buffer()), 1 << 62
     cut = ranges(f, path, chunk_bytes)
     records = [r for r in elements(f, path, *cut[0])[:PEEK_LINES] if isinstance(r, dict)]
     return union_schema([pa.Table.from_pylist([r]).schema for r in records]) if records else None, cut
 
 
 def read(f: pa.NativeFile, task) -> Iterator[Part]:
+    if not f.seekable():  # compressed: decompressed into memory (the elements become Python objects anyway)
+        f = pa.BufferReader(f.read_buffer())
     records = elements(f, task.path, task.start, task.stop)
     # the index of the range's first element: computed only if a reject needs it
     first = functools.cache(lambda: _scan_path(task.path, stop_at=task.start)[3])
@@ -133,13 +139,13 @@ def scan(f: pa.NativeFile, path, chunk_bytes: int, stop_at: int = -1) -> tuple[i
 
 
 def _scan_path(path, stop_at: int) -> tuple[int, int, list[int], int]:
-    with open_input(path) as f:
+    with open_input(path, seekable=True) as f:
         return scan(f, path, 1 << 62, stop_at=stop_at)
 
 
 def _position(path, start: int, lineno: int, colno: int) -> tuple[int, int]:
     """File line and column of (lineno, colno) counted from byte `start` (error path only: reads the prefix)."""
-    with open_input(path) as f:
+    with open_input(path, seekable=True) as f:
         prefix = f.read(start)
     line = prefix.count(b"\n") + 1
     col = start - (prefix.rfind(b"\n") + 1)  # 0-based column of `start` on its line

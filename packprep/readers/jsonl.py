@@ -4,6 +4,8 @@ Planning reads the first ~64 KB (the union of the first 100 records' fields) and
 newline. A task reads its byte range and hands it to pyarrow's JSON reader in one block (~100-300 MB/s per core);
 only a range that pyarrow rejects, or whose columns fail the checks, is parsed again line by line with `json.loads`
 to find the bad lines (pyarrow fails a whole block on one bad line). Line numbers are counted only for a reject.
+A compressed file is read as a stream (`readers.compressed`): a task reads its decompressed data in blocks of
+STREAM_BLOCK bytes cut at line ends, one part each, so memory holds one block.
 """
 
 from __future__ import annotations
@@ -15,30 +17,61 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.json as pjson
 
-from packprep.readers.base import PEEK_BYTES, PEEK_LINES, Part, line_of, line_of_text, union_schema
+from packprep.readers.base import (
+    PEEK_BYTES,
+    PEEK_LINES,
+    Part,
+    line_of,
+    line_of_text,
+    open_input,
+    read_head,
+    union_schema,
+)
 from packprep.records import RAW_PREFIX, BadRecord, RecordError, jtype
+
+STREAM_BLOCK = 4 << 20  # decompressed bytes parsed at once from a compressed file
 
 
 def plan(f: pa.NativeFile, path, chunk_bytes: int) -> tuple[pa.Schema | None, list[tuple[int, int]]]:
     """The union schema of the first lines (None: blank lines only) and newline-aligned ranges of ~chunk_bytes."""
     schema = _peek(f, path)
-    return schema, (line_cuts(f, 0, f.size(), chunk_bytes) if schema is not None else [])
+    if schema is None or not f.seekable():  # a stream: its ranges are the compressed file's (inputs.plan_tasks)
+        return schema, [(0, 0)] if schema is not None else []
+    return schema, line_cuts(f, 0, f.size(), chunk_bytes)
 
 
 def read(f: pa.NativeFile, task) -> Iterator[Part]:
+    if not f.seekable():
+        yield from _read_stream(f, task)
+        return
     f.seek(task.start)
-    buf = f.read(task.stop - task.start)
-    lines = _Lines(buf, task.path, task.start)
+    yield _part(f.read(task.stop - task.start), _Lines(b"", task.path, task.start))
+
+
+def _part(buf: bytes, lines: _Lines) -> Part:
+    lines.buf = buf
     try:
         table = _parse(buf)
     except pa.ArrowInvalid:  # pyarrow fails the whole chunk on one bad line
-        yield Part([json_line(raw) for _, raw in lines.lines], lines.locate)
-        return
+        return Part([json_line(raw) for _, raw in lines.lines], lines.locate)
     if not _one_per_line(table.num_rows, buf):  # pyarrow reads `{...}{...}` on one line as two records: line by
         # line, that line is a reject
-        yield Part([json_line(raw) for _, raw in lines.lines], lines.locate)
-        return
-    yield Part(table, lines.locate, fallback=lambda: [json_line(raw) for _, raw in lines.lines])
+        return Part([json_line(raw) for _, raw in lines.lines], lines.locate)
+    return Part(table, lines.locate, fallback=lambda: [json_line(raw) for _, raw in lines.lines])
+
+
+def _read_stream(f: pa.NativeFile, task) -> Iterator[Part]:
+    """A compressed task's lines, block by block; line numbers (rejects only) count the lines before the task."""
+    carry, lines_before = b"", _LinesBefore(task)
+    while True:
+        block = f.read(STREAM_BLOCK)
+        buf = carry + block
+        end = buf.rfind(b"\n") + 1 if block else len(buf)
+        if end:
+            yield _part(buf[:end], _Lines(b"", task.path, 0, first=lines_before.at(buf[:end])))
+        carry = buf[end:]
+        if not block:
+            return
 
 
 def _one_per_line(rows: int, buf: bytes) -> bool:
@@ -106,16 +139,13 @@ def lone_surrogate(rec) -> BadRecord | None:
 
 
 def _peek(f: pa.NativeFile, path) -> pa.Schema | None:
-    f.seek(0)
-    head = f.read(PEEK_BYTES)
-    if b"\n" not in head and re.search(rb"\}[ \t]*\r[ \t\r]*\{", head):  # records ended by CR alone
-        raise RecordError(f"{path}: lines end in a lone CR (classic Mac line ends), which JSON lines does not take; "
-                          f"convert them: tr '\\r' '\\n' < {path} > fixed.jsonl")
-    end = _line_end(f, len(head))  # whole lines only (the first may be tens of MB)
-    if head.find(b"\n", 0, end - 1) < 0:  # one long first line: the next ones too (it may be a bad record)
-        end = _line_end(f, end + PEEK_BYTES)
-    f.seek(len(head))
-    head += f.read(end - len(head))
+    if f.seekable():
+        f.seek(0)
+        first = f.read(PEEK_BYTES)
+        if b"\n" not in first and re.search(rb"\}[ \t]*\r[ \t\r]*\{", first):  # records ended by CR alone
+            raise RecordError(f"{path}: lines end in a lone CR (classic Mac line ends), which JSON lines does not "
+                              f"take; convert them: tr '\\r' '\\n' < {path} > fixed.jsonl")
+    head = read_head(f)
     lines = [x for x in head.split(b"\n") if x.strip()][:PEEK_LINES]
     schemas, first_bad = [], None
     for raw in lines:
@@ -143,16 +173,36 @@ def _parse(buf: bytes) -> pa.Table:
 class _Lines:
     """The non-blank lines of a JSONL chunk with their 1-based line numbers (computed only when asked)."""
 
-    def __init__(self, buf: bytes, path: str, start: int):
-        self.buf, self.path, self.start, self._lines = buf, path, start, None
+    def __init__(self, buf: bytes, path: str, start: int, first=None):
+        self.buf, self.path, self.start, self.first, self._lines = buf, path, start, first, None
 
     @property
     def lines(self) -> list[tuple[int, bytes]]:
         if self._lines is None:
-            first = line_of(self.path, self.start)
+            first = self.first() if self.first else line_of(self.path, self.start)
             self._lines = [(first + k, x) for k, x in enumerate(self.buf.split(b"\n")) if x.strip()]
         return self._lines
 
     def locate(self, i: int) -> tuple[str, int, str]:
         line, raw = self.lines[i]
         return "line", line, raw.decode("utf-8", "replace")[:RAW_PREFIX]
+
+
+class _LinesBefore:
+    """The 1-based line number of each block's first line in a compressed task (counted only when a reject asks)."""
+
+    def __init__(self, task):
+        self.task, self.seen, self._before_task = task, 0, None
+
+    def at(self, block: bytes):
+        newlines_before_block, self.seen = self.seen, self.seen + block.count(b"\n")
+        return lambda: self._task_start() + newlines_before_block + 1
+
+    def _task_start(self) -> int:
+        if self._before_task is None:  # the newlines in the members before this task
+            self._before_task = 0
+            if self.task.start:
+                with open_input(self.task.path, 0, self.task.start) as f:
+                    while block := f.read(1 << 22):
+                        self._before_task += block.count(b"\n")
+        return self._before_task

@@ -1,0 +1,211 @@
+"""Remote output (`--out s3://bucket/prefix`, any fsspec store): the build runs in a local work folder and is
+published object by object, with the manifest last.
+
+    local = work_dir(config)                       # --work-dir, or <tmp>/packprep-work/<sha of the URL>
+    previous = check(url, ident, overwrite)         # a finished remote build of the same identity -> its manifest
+    with Uploader(url, local) as up:                # .packprep-build.json (the identity) goes up first
+        up.shard("data-00000-of-00004.arrow")       # each finished shard, in the background, under its final name
+        up.finish(["state.json", ...])              # waits for the shards, then metadata, then packprep.json
+
+The remote manifest is the commit point, as the local one is: a prefix without it is unfinished. A rerun of a killed
+build resumes from the local work folder (`workdir`) and skips every shard whose object already has the local
+file's size, so finished shards are not uploaded again and a half-uploaded object (a store that shows partial
+writes) is overwritten. Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the
+build's files to a local cache once (skipping files already there with their size); `datasets.load_from_disk(url,
+storage_options=...)` reads the prefix through fsspec directly. With Ray, `Shipped` moves tokenize outputs back to
+the driver through Ray's object store, so a cluster needs no shared filesystem. Costs: one upload per output file
+(4 in flight), a listing and a stat per shard on start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from packprep import storage
+from packprep.shards import MANIFEST
+
+IDENTITY = ".packprep-build.json"  # the identity of the build being published (removed once the manifest is up)
+OURS = {MANIFEST, "state.json", "dataset_info.json", "rejects.jsonl", IDENTITY}
+
+
+def work_dir(config) -> Path:
+    if config.work_dir:
+        return Path(config.work_dir)
+    key = hashlib.sha256(config.out.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "packprep-work" / key
+
+
+def _names(fs, root: str) -> dict[str, int]:
+    """name -> size of the objects directly under the prefix ({} when it does not exist)."""
+    try:
+        return {p["name"].rstrip("/").rsplit("/", 1)[-1]: int(p.get("size") or 0)
+                for p in fs.ls(root, detail=True) if p.get("type") != "directory"}
+    except FileNotFoundError:
+        return {}
+
+
+def check(url: str, ident: dict, overwrite: bool) -> dict | None:
+    """A finished remote build with this identity: its manifest (nothing to do). Another build's manifest, or an
+    unfinished one of other settings, is refused unless --overwrite (which deletes it, manifest first); a prefix that
+    holds other objects is refused."""
+    from packprep.workdir import same_build
+
+    fs, root = storage.filesystem(url)
+    names = _names(fs, root)
+    strangers = sorted(n for n in names if n not in OURS and not n.startswith("data-"))
+    if strangers:
+        raise FileExistsError(f"--out {url} holds objects that are not a packprep build ({strangers[:3]}); "
+                              "choose another --out")
+    if MANIFEST in names:
+        old = json.loads(fs.cat_file(storage.join(root, MANIFEST)))
+        diff = same_build(old, ident, storage.join(url, MANIFEST))
+        if not diff:
+            return old
+        if not overwrite:
+            raise FileExistsError(f"{url} holds a finished build with different settings ({'; '.join(diff)}); "
+                                  "pass --overwrite or choose another --out")
+    elif IDENTITY in names:
+        old = json.loads(fs.cat_file(storage.join(root, IDENTITY)))
+        if old != ident and any(n.startswith("data-") for n in names) and not overwrite:
+            raise FileExistsError(f"{url} holds an unfinished build of different settings; rerun its command to "
+                                  "resume it, or pass --overwrite to discard it")
+    else:
+        return None
+    if overwrite or (MANIFEST not in names and old != ident):
+        for n in [MANIFEST, *sorted(set(names) - {MANIFEST})]:  # the manifest first: from then on it is unfinished
+            fs.rm_file(storage.join(root, n))
+    return None
+
+
+class Uploader:
+    """Publishes a local build folder to `url`: shards as they finish (4 uploads in flight), the manifest last."""
+
+    def __init__(self, url: str, local: Path, ident: dict):
+        self.fs, self.root, self.local = *storage.filesystem(url), Path(local)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.there = _names(self.fs, self.root)
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="upload")
+        self.pending, self.sent = [], set()
+        with self.fs.open(storage.join(self.root, IDENTITY), "w") as f:
+            json.dump(ident, f)
+
+    def __enter__(self) -> Uploader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+
+    def shard(self, name: str) -> None:
+        """Upload a finished local file under its own name, unless an object of its size is already there."""
+        if name in self.sent or self.there.get(name) == (self.local / name).stat().st_size:
+            return
+        self.sent.add(name)
+        self.pending.append(self.pool.submit(self._put, name))
+
+    def _put(self, name: str) -> None:
+        self.fs.put_file(str(self.local / name), storage.join(self.root, name))
+
+    def finish(self, names: list[str]) -> None:
+        """Wait for the shard uploads, then put `names` (metadata), then the manifest: the commit point."""
+        for f in self.pending:
+            f.result()
+        for name in names:
+            self._put(name)
+        stale = [n for n in self.there if n.startswith("data-") and not (self.local / n).exists()]
+        for n in stale:  # shards of an earlier, discarded run under other names (no manifest referenced them)
+            self.fs.rm_file(storage.join(self.root, n))
+        self._put(MANIFEST)
+        self.fs.rm_file(storage.join(self.root, IDENTITY))
+
+
+def stage(url: str, cache: str | Path | None = None) -> Path:
+    """A local copy of a finished remote build (a local path is returned as it is), for readers that memory-map.
+    Files already in the cache with their remote size are not fetched again."""
+    if not storage.is_remote(url):
+        return Path(url)
+    fs, root = storage.filesystem(url)
+    key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    local = Path(cache) if cache else Path(tempfile.gettempdir()) / "packprep-cache" / key
+    local.mkdir(parents=True, exist_ok=True)
+    names = _names(fs, root)
+    if MANIFEST not in names:
+        raise FileNotFoundError(f"{url}: no {MANIFEST} (not a finished packprep build); run `packprep build` first")
+    manifest = json.loads(fs.cat_file(storage.join(root, MANIFEST)))
+    try:
+        same = json.loads((local / MANIFEST).read_text())["fingerprint"] == manifest["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        same = False
+    for name, size in names.items():
+        if name == IDENTITY or (same and (local / name).is_file() and (local / name).stat().st_size == size):
+            continue
+        part = local / f"{name}.part{os.getpid()}"  # ranks of one job may stage the same build at once
+        fs.get_file(storage.join(root, name), str(part))
+        part.replace(local / name)
+    for p in local.glob("data-*"):
+        if p.name not in names:
+            p.unlink()
+    return local
+
+
+# ---------------------------------------------------------------------------------------------------- Ray, no shared fs
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A tokenize context for Ray nodes that do not share the driver's disk: the tokenizer's files travel with it,
+    and a task run on another host spools to a folder of its own and returns its spool files to the driver (Ray's
+    object store carries them, ~5 bytes per token); `receive` puts them in the driver's spool. Write tasks then run
+    on the driver's host, so no node needs the driver's work folder."""
+
+    ctx: object  # tokenizer.TokenizeContext
+    host: str
+    tokenizer_files: dict
+
+    @classmethod
+    def of(cls, ctx) -> Shipped:
+        files = {p.name: p.read_bytes() for p in Path(ctx.tokenizer).iterdir() if p.is_file()}
+        return cls(ctx, socket.gethostname(), files)
+
+
+def shipped_tokenize(task, shipped: Shipped):
+    """tokenize_task on any node: (its result, None) on the driver's host, else (result, {file name: bytes})."""
+    from packprep import spool
+    from packprep.tokenizer import tokenize_task
+
+    if socket.gethostname() == shipped.host and not os.environ.get("PACKPREP_TEST_SHIP"):
+        return tokenize_task(task, shipped.ctx), None
+    key = hashlib.sha256(f"{shipped.host}:{shipped.ctx.spool}".encode()).hexdigest()[:16]
+    here = Path(tempfile.gettempdir()) / "packprep-ship" / key
+    tok = here / "tokenizer"
+    if not (tok / "done").exists():  # the tokenizer's files, written once per node
+        tok.mkdir(parents=True, exist_ok=True)
+        for name, data in shipped.tokenizer_files.items():
+            (tok / name).write_bytes(data)
+        (tok / "done").touch()
+    folder = here / "spool"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = tokenize_task(task, replace(shipped.ctx, tokenizer=str(tok), spool=str(folder)))
+    files = {}
+    for p in spool.paths(folder, task.index).values():
+        if p.exists():
+            files[p.name] = p.read_bytes()
+            p.unlink()
+    return result, files
+
+
+def receive(shipped_result, spool_dir: Path):
+    """The driver's side of `shipped_tokenize`: write returned spool files (the marker last), return the result."""
+    from packprep.shards import atomic_file
+
+    result, files = shipped_result
+    for name in sorted(files or {}, key=lambda n: n.endswith(".done.json")):
+        with atomic_file(Path(spool_dir) / name) as f:
+            f.write(files[name])
+    return result

@@ -1,0 +1,145 @@
+"""A real S3 endpoint: moto's standalone server on 127.0.0.1 (started here), s3fs speaking HTTP to it, credentials and
+endpoint from the standard AWS_* environment. Inputs are read from the bucket (a glob over compressed and plain
+files), the build is written to the bucket, killed mid-upload and resumed to the same bytes, verified and inspected
+remotely, and opened by datasets through fsspec; a Ray build whose tasks run "elsewhere" (their own spool folder,
+outputs shipped back through Ray) writes the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from build_fixtures import texts
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from packprep.build import build  # noqa: E402
+from packprep.config import BuildConfig  # noqa: E402
+from packprep.remote import IDENTITY, stage  # noqa: E402
+from packprep.verify import verify  # noqa: E402
+
+SETTINGS = dict(seq_len=256, shard_rows=150, chunk_bytes=32 << 10)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An s3fs filesystem on a fresh moto server with bucket 'corp' holding the corpus; the AWS_* environment set."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
+    fs.mkdir("corp")
+    local = tmp_path_factory.mktemp("s3corpus")
+    lines = [json.dumps({"text": t}) + "\n" for t in texts(3000, 31, lo=3, hi=60)]
+    (local / "a.jsonl").write_text("".join(lines[:1500]))
+    (local / "b.jsonl").write_text("".join(lines[1500:]))
+    import gzip
+
+    fs.pipe("corp/in/a.jsonl", (local / "a.jsonl").read_bytes())
+    fs.pipe("corp/in/b.jsonl.gz", gzip.compress((local / "b.jsonl").read_bytes()))
+    yield fs, local
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(s3, tmp_path_factory) -> dict[str, str]:
+    _, local = s3
+    out = tmp_path_factory.mktemp("ref") / "out"
+    build(BuildConfig(inputs=(str(local / "a.jsonl"), str(local / "b.jsonl")), out=str(out), workers=1, **SETTINGS))
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("data-*.arrow"))}
+
+
+def _remote_digests(fs, prefix: str) -> dict[str, str]:
+    return {p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+            for p in sorted(fs.glob(f"{prefix}/data-*"))}
+
+
+def test_inputs_and_output_on_s3(s3, reference, tmp_path):
+    fs, _ = s3
+    cfg = BuildConfig(inputs=("s3://corp/in/*.jsonl*",), out="s3://corp/builds/one", workers=2,
+                      work_dir=str(tmp_path / "work"), **SETTINGS)
+    m = build(cfg).manifest
+    assert len(m["shards"]) >= 3 and _remote_digests(fs, "corp/builds/one") == reference
+    specs = m["inputs"]["specs"][0]["files"]
+    assert [f[0] for f in specs] == ["s3://corp/in/a.jsonl", "s3://corp/in/b.jsonl.gz"] and all(f[2] for f in specs)
+    assert not fs.exists(f"corp/builds/one/{IDENTITY}") and not list((tmp_path / "work").glob("data-*"))
+    assert build(cfg).already_built  # the remote manifest says so
+    report = verify("s3://corp/builds/one")
+    assert report.ok, report.failures
+    from datasets import load_from_disk
+
+    ds = load_from_disk("s3://corp/builds/one", storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    assert len(ds) == m["counts"]["rows"]
+    from packprep.report import load_manifest, row_histograms
+
+    assert load_manifest("s3://corp/builds/one")["fingerprint"] == m["fingerprint"]
+    assert row_histograms("s3://corp/builds/one")["row_tokens"].sum() == m["counts"]["tokens"]
+    assert stage("s3://corp/builds/one", tmp_path / "cache") == tmp_path / "cache"
+
+
+def test_killed_mid_upload_resumes_to_same_bytes(s3, reference, tmp_path):
+    fs, _ = s3
+    url, work = "s3://corp/builds/killed", tmp_path / "work"
+    cmd = [sys.executable, "-m", "packprep.cli", "build", "s3://corp/in/*.jsonl*", "--out", url, "--work-dir",
+           str(work), "--workers", "1", "-q", *[f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]]
+    r = subprocess.run(cmd, env={**os.environ, "PACKPREP_TEST_KILL_AT": "upload:2"}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls("corp/builds/killed")}
+    assert IDENTITY in names and "packprep.json" not in names  # unfinished: no manifest
+    with pytest.raises(FileNotFoundError, match="no packprep.json"):
+        verify(url)
+    first = sorted(n for n in names if n.startswith("data-"))
+    assert first  # the first shard's upload had finished or was in flight; make it a half-written object
+    fs.pipe(f"corp/builds/killed/{first[0]}", b"half an upload")
+    before = {p: fs.info(p)["ETag"] for p in fs.glob("corp/builds/killed/data-*")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _remote_digests(fs, "corp/builds/killed") == reference
+    after = {p: fs.info(p)["ETag"] for p in before}
+    assert sum(before[p] == after[p] for p in before) == len(before) - 1  # only the half-uploaded object went again
+    assert verify(url).ok
+    assert not Path(work / ".packprep-work").exists()
+
+
+def test_ray_without_a_shared_filesystem(s3, reference, tmp_path, monkeypatch):
+    """PACKPREP_TEST_SHIP makes every Ray task behave as on another host: it spools to its own folder with its own
+    copy of the tokenizer, and the driver receives the spool files through Ray's object store."""
+    ray = pytest.importorskip("ray")
+    fs, _ = s3
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PACKPREP_TEST_SHIP": "1"}})
+    try:
+        m = build(BuildConfig(inputs=("s3://corp/in/*.jsonl*",), out="s3://corp/builds/ray", executor="ray",
+                              work_dir=str(tmp_path / "work"), **SETTINGS)).manifest
+    finally:
+        ray.shutdown()
+    assert _remote_digests(fs, "corp/builds/ray") == reference and m["counts"]["input_docs"] == 3000
+    import shutil
+    import socket
+    import tempfile
+
+    spool = tmp_path / "work" / ".packprep-work" / "spool"  # the driver's spool, named in the tasks' own folder
+    key = hashlib.sha256(f"{socket.gethostname()}:{spool}".encode()).hexdigest()[:16]
+    shipped = Path(tempfile.gettempdir()) / "packprep-ship" / key
+    assert (shipped / "tokenizer" / "tokenizer.json").is_file()  # the tasks ran on their own copy of the tokenizer
+    assert shipped.is_dir() and not list((shipped / "spool").iterdir())  # and their spool files were shipped away
+    shutil.rmtree(shipped)
