@@ -136,7 +136,7 @@ def check_tokenizer(spec: str, info: BuildInfo) -> None:
     folder = Path(spec)
     if not (folder / "tokenizer.json").is_file() or info.tokenizer_sha256 is None:
         return
-    from packprep.tokenize import tokenizer_sha256
+    from packprep.tokenizer import tokenizer_sha256
 
     digest = tokenizer_sha256(folder)
     if digest != info.tokenizer_sha256:

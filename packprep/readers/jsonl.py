@@ -146,6 +146,8 @@ def _peek(f: pa.NativeFile, path) -> pa.Schema | None:
             raise RecordError(f"{path}: lines end in a lone CR (classic Mac line ends), which JSON lines does not "
                               f"take; convert them: tr '\\r' '\\n' < {path} > fixed.jsonl")
     head = read_head(f)
+    if head.count(b"\n") <= 1 and f.seekable():  # one long first line (it may be a bad record): the next ones too
+        head = read_head(f, len(head) + PEEK_BYTES)
     lines = [x for x in head.split(b"\n") if x.strip()][:PEEK_LINES]
     schemas, first_bad = [], None
     for raw in lines:
