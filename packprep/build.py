@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import packprep
-from packprep import layout, spool, workdir
+from packprep import layout, mixture, spool, workdir
 from packprep.config import BuildConfig
 from packprep.executor import Executor, make_executor
 from packprep.inputs import DEFAULT_CORPUS, TASK_PLAN_VERSION, fingerprint, plan_tasks, resolve_inputs, stdlib_corpus
@@ -66,8 +66,10 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
 
 def _build(config: BuildConfig, progress: Progress, executor: Executor) -> BuildResult:
     out, t0, timings = Path(config.out), time.perf_counter(), {}
-    inputs = list(config.inputs) or [DEFAULT_CORPUS]
-    files = resolve_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
+    inputs = list(config.inputs) or [p for s in config.sources for p in s.paths] or [DEFAULT_CORPUS]
+    source_files = mixture.resolve(config.sources) if config.sources else None  # a mixture: files per source
+    files = sum(source_files, []) if config.sources else resolve_inputs(inputs) if config.inputs else None
+    # (bad paths fail first, before touching `out`)
     fingerprints = [fingerprint(s) for s in inputs]
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
     previous = workdir.check_out(out, config, ident)
@@ -84,9 +86,12 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     tok_dir = resolve_tokenizer(config.tokenizer, work)
     tok = Tokenizer(tok_dir)
     preload(tok)
-    tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
-                       prompt_field=config.prompt_field, completion_field=config.completion_field,
-                       messages_field=config.messages_field)
+    if config.sources:
+        tasks, task_source = mixture.plan(config.sources, source_files, config.chunk_bytes)
+    else:
+        tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
+                           prompt_field=config.prompt_field, completion_field=config.completion_field,
+                           messages_field=config.messages_field)
     if any(t.format.name in ("chat", "sharegpt") for t in tasks) and tok.chat_template is None:
         raise ValueError(f"tokenizer {config.tokenizer!r} has no chat template; chat data needs one")
     timings["prepare"] = time.perf_counter() - t0
@@ -113,7 +118,13 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         lengths = spool.lengths(spool_dir, len(tasks))
         if not (lengths > 0).any():
             raise ValueError(f"empty corpus: {len(lengths)} documents, none with any tokens, in {', '.join(inputs)}")
-        lay, counts, stats = layout.plan(lengths, config)
+        select = None
+        if config.sources:  # a mixture: which documents, how many times (over the spool: nothing is re-tokenized)
+            source_docs = np.bincount(task_source, [r.docs for r in results], len(config.sources)).astype(np.int64)
+            select = mixture.select(lengths, source_docs, config)
+        lay, counts, stats = layout.plan(lengths, config, select)
+        if select is not None:
+            counts["sources"] = select.sources
         layout.save(work / "layout", lay, np.array([r.tokens for r in results], np.int64), counts, stats)
         del lengths, lay
     else:
@@ -126,7 +137,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
 
     # write: one task per shard, gathering its rows from the spool
     t = time.perf_counter()
-    wctx = WriteContext.plan(out, work, counts["rows"], config.rows_per_shard, config.seq_len)
+    wctx = WriteContext.plan(out, work, counts["rows"], config.rows_per_shard, config.seq_len, len(config.sources))
     reused["shards"] = sum(shard_done(wctx, k) is not None for k in range(wctx.num_shards))
     if resumed:
         progress.log(f"resuming {out}: reusing {reused['tokenize_tasks']}/{len(tasks)} tokenize tasks, "
@@ -138,6 +149,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
             bar.advance(1, rows=info["rows"], tokens=info["tokens"])
             kill_hook(f"write:{n}")
     counts["loss_tokens"] = sum(s["loss_tokens"] for s in shards)
+    if config.sources:
+        mixture.add_loss_tokens(counts["sources"], shards)
     data_fingerprint = dataset_fingerprint(shards)
     write_hf_metadata(out, [s["file"] for s in shards], data_fingerprint, description="packprep build")
     timings["write"] = time.perf_counter() - t
