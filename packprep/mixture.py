@@ -169,6 +169,10 @@ def select(lengths: np.ndarray, source_docs: np.ndarray, config: BuildConfig) ->
         if source_docs[i] > MAX_RECORDS:
             raise ValueError(f"{_name(i, s)} holds {source_docs[i]:,} records; at most {MAX_RECORDS:,} fit in doc_ids")
     want = targets(sources, available, config.max_tokens)
+    if sources[0].weight is not None:
+        share = np.array([s.weight for s in sources]) / sum(s.weight for s in sources)
+    else:
+        share = want / want.sum()
     docs, ids, summary = [], [], []
     for i, s in enumerate(sources):
         rng = np.random.default_rng([config.seed, i, 0x6D6978])  # one stream per source, apart from the row shuffle
@@ -178,7 +182,7 @@ def select(lengths: np.ndarray, source_docs: np.ndarray, config: BuildConfig) ->
         docs.append(base[i] + local)
         ids.append(doc_ids(i, repeat, local))
         summary.append({"paths": list(s.paths), "weight": s.weight, "epochs": s.epochs,
-                        "target_share": float(want[i] / want.sum()), "input_docs": int(source_docs[i]),
+                        "target_share": float(share[i]), "input_docs": int(source_docs[i]),
                         "input_tokens": int(available[i]), "docs": len(local),
                         "unique_docs": int(len(np.unique(local))), "tokens": int(tokens[base[i] + local].sum()),
                         "loss_tokens": None})
