@@ -67,9 +67,9 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
 def _build(config: BuildConfig, progress: Progress, executor: Executor) -> BuildResult:
     out, t0, timings = Path(config.out), time.perf_counter(), {}
     inputs = list(config.inputs) or [p for s in config.sources for p in s.paths] or [DEFAULT_CORPUS]
-    source_files = mixture.resolve(config.sources) if config.sources else None  # a mixture: files per source
+    # bad paths fail first, before touching `out`; a mixture's files are resolved per source
+    source_files = mixture.resolve(config.sources) if config.sources else None
     files = sum(source_files, []) if config.sources else resolve_inputs(inputs) if config.inputs else None
-    # (bad paths fail first, before touching `out`)
     fingerprints = [fingerprint(s) for s in inputs]
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
     previous = workdir.check_out(out, config, ident)

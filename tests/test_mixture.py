@@ -213,3 +213,15 @@ def test_build_errors(corpus, cli_error, tmp_path):
         (tmp_path / "c.toml").write_text(text)
         assert message in cli_error("build", "--config", tmp_path / "c.toml", "--out", tmp_path / "out")
     assert "--max-tokens sets the size of a [[sources]] mixture" in cli_error("build", a, "--max-tokens", 10)
+
+
+def test_inspect_lists_sources(weighted, cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = cli("inspect", weighted[0])
+    assert r.exit_code == 0, r.output
+    assert all(f"source {i}" in r.output for i in (1, 2, 3)) and "target 50.0000%" in r.output
+
+
+def test_pipeline_recipe_parses():
+    cfg = merge(Path(__file__).resolve().parent.parent / "pipelines" / "sft_mixture.toml")
+    assert [s.weight for s in cfg.sources] == list(WEIGHTS) and cfg.sources[2].prompt_field == "question"
