@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import packprep
-from packprep import layout, remote, spool, storage, workdir
+from packprep import layout, mixture, remote, spool, storage, workdir
 from packprep.config import BuildConfig
 from packprep.executor import Executor, LocalExecutor, make_executor
 from packprep.inputs import (
@@ -85,11 +85,14 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
 
 def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Path, url: str | None) -> BuildResult:
     t0, timings = time.perf_counter(), {}
-    inputs = list(config.inputs) or [DEFAULT_CORPUS]
-    expansion = expand_inputs(inputs) if config.inputs else None  # bad paths fail first, before touching `out`
-    files = expansion.files if expansion else None
-    if expansion:
+    inputs = list(config.inputs) or [p for s in config.sources for p in s.paths] or [DEFAULT_CORPUS]
+    # bad paths fail first, before touching `out`; a mixture's files are resolved per source
+    source_files = mixture.resolve(config.sources) if config.sources else None
+    expansion = expand_inputs(inputs) if config.inputs else None
+    files = sum(source_files, []) if config.sources else expansion.files if expansion else None
+    if files:
         check_apart(inputs, files, out)
+    if expansion:
         _log_expansion(progress, expansion)
     fingerprints = [fingerprint(s) for s in inputs]  # content hashes: a rewritten input is another build
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
@@ -114,9 +117,12 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     tok_dir = resolve_tokenizer(config.tokenizer, work)
     tok = _load_tokenizer(tok_dir)
     preload(tok)
-    tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
-                       prompt_field=config.prompt_field, completion_field=config.completion_field,
-                       messages_field=config.messages_field)
+    if config.sources:
+        tasks, task_source = mixture.plan(config.sources, source_files, config.chunk_bytes)
+    else:
+        tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
+                           prompt_field=config.prompt_field, completion_field=config.completion_field,
+                           messages_field=config.messages_field)
     if any(t.format.name in ("chat", "sharegpt") for t in tasks) and tok.chat_template is None:
         raise ValueError(f"tokenizer {config.tokenizer!r} has no chat template; chat data needs one")
     timings["prepare"] = time.perf_counter() - t0
@@ -161,7 +167,13 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
             raise ValueError(f"no document with any tokens in {', '.join(inputs)}: {len(lengths)} records, "
                              f"{int((lengths == 0).sum())} empty, {int((lengths < 0).sum())} rejected "
                              f"({', '.join(f'{k}: {n}' for k, n in rejected.items())}); see {out / 'rejects.jsonl'}")
-        lay, counts, stats = layout.plan(lengths, config)
+        select = None
+        if config.sources:  # a mixture: which documents, how many times (over the spool: nothing is re-tokenized)
+            source_docs = np.bincount(task_source, [r.docs for r in results], len(config.sources)).astype(np.int64)
+            select = mixture.select(lengths, source_docs, config)
+        lay, counts, stats = layout.plan(lengths, config, select)
+        if select is not None:
+            counts["sources"] = select.sources
         layout.save(work / "layout", lay, np.array([r.tokens for r in results], np.int64), counts, stats)
         del lengths, lay
     else:
@@ -175,7 +187,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
 
     # write: one task per shard, gathering its rows from the spool
     t = time.perf_counter()
-    wctx = WriteContext.plan(out, work, counts["rows"], config.rows_per_shard, config.seq_len)
+    wctx = WriteContext.plan(out, work, counts["rows"], config.rows_per_shard, config.seq_len, len(config.sources))
     reused["shards"] = sum(shard_done(wctx, k) is not None for k in range(wctx.num_shards))
     if resumed:
         progress.log(f"resuming {out}: reusing {reused['tokenize_tasks']}/{len(tasks)} tokenize tasks, "
@@ -191,6 +203,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
                 uploader.shard(info["file"])
                 kill_hook(f"upload:{n}")  # test hook: dies with uploads in flight
     counts["loss_tokens"] = sum(s["loss_tokens"] for s in shards)
+    if config.sources:
+        mixture.add_loss_tokens(counts["sources"], shards)
     data_fingerprint = dataset_fingerprint(shards)
     write_hf_metadata(out, [s["file"] for s in shards], data_fingerprint, description="packprep build")
     timings["write"] = time.perf_counter() - t

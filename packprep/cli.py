@@ -85,6 +85,8 @@ def config_options(cls, positional: str | None = None, short: dict[str, str] | N
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue  # a config-file key only (BuildConfig.sources)
         hint = hints[f.name]
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if _is_optional(hint) else hint
         default = None if f.default is dataclasses.MISSING else f.default

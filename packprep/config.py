@@ -33,12 +33,13 @@ FIELD_FORMATS = {"text_field": ("text",), "prompt_field": ("prompt-completion",)
                  "completion_field": ("prompt-completion",), "messages_field": ("chat", "sharegpt")}
 
 
-def setting(default=MISSING, doc: str = "", *, factory=None):
-    """A dataclass field with its help text: `seq_len: int = setting(4096, "Tokens per packed row.")`."""
+def setting(default=MISSING, doc: str = "", *, factory=None, cli: bool = True):
+    """A dataclass field with its help text: `seq_len: int = setting(4096, "Tokens per packed row.")`. cli=False:
+    a config-file key only (no command-line option)."""
     doc = " ".join(doc.split())
     if factory is not None:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=factory, metadata={"doc": doc, "cli": cli})
+    return field(default=default, metadata={"doc": doc, "cli": cli})
 
 
 def default_workers() -> int:
@@ -55,6 +56,10 @@ class BuildConfig:
 
     inputs: tuple[str, ...] = setting((), """Input files, globs or folders (JSONL, JSON, Parquet, Arrow, CSV, HF
         save_to_disk folders). None given: the embedded default corpus (the Python standard library's own sources).""")
+    sources: tuple[Source, ...] = setting((), """Mixture sources: the config file's [[sources]] tables (paths, weight
+        or epochs, format and field flags; packprep.mixture). Used instead of INPUTS.""", cli=False)
+    max_tokens: int | None = setting(None, """Output tokens of a weighted [[sources]] mixture (default: the source that
+        runs out first at its weight sets the total; sources smaller than their share are repeated).""")
     out: str = setting(DEFAULT_OUT, """Output folder (shards, HF metadata, packprep.json manifest): a local path or an
         fsspec URL (s3://bucket/prefix, gs://, az://), uploaded shard by shard with the manifest last.""")
     tokenizer: str = setting(DEFAULT_TOKENIZER, """Hugging Face tokenizer: a local folder or tokenizer.json, a hub
@@ -99,7 +104,11 @@ class BuildConfig:
             object.__setattr__(self, "inputs", (self.inputs,))
         if isinstance(self.inputs, (list, tuple)):
             object.__setattr__(self, "inputs", tuple(str(p) if isinstance(p, Path) else p for p in self.inputs))
+        if isinstance(self.sources, (list, tuple)):  # config-file tables, or a manifest's config read back
+            object.__setattr__(self, "sources", tuple(s if isinstance(s, Source) else _source(s, i)
+                                                      for i, s in enumerate(self.sources)))
         check_types(self)
+        _check_mixture(self)
         for name in ("seq_len", "workers", "chunk_bytes"):
             _at_least(name, getattr(self, name), 1)
         if self.shard_rows is not None:
@@ -125,6 +134,7 @@ class BuildConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["inputs"] = list(self.inputs)
+        d["sources"] = [{**s, "paths": list(s["paths"])} for s in d["sources"]]
         return d
 
     def output_keys(self) -> dict:
@@ -145,17 +155,79 @@ def _at_least(name: str, value: int, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r} ({_flag(name)})")
 
 
-def _check_field_flags(cfg: BuildConfig) -> None:
+def _check_field_flags(cfg, where: str = "") -> None:
     """`--text-field` with `--prompt-field`, or `--format text --prompt-field q`: refused, not ignored."""
     given = [name for name in FIELD_FORMATS if getattr(cfg, name) is not None]
     for name in given:
         if cfg.format != "auto" and cfg.format not in FIELD_FORMATS[name]:
-            raise ValueError(f"{_flag(name)} does not apply to --format {cfg.format} (it applies to "
+            raise ValueError(f"{where}{_flag(name)} does not apply to --format {cfg.format} (it applies to "
                              f"{' / '.join(FIELD_FORMATS[name])})")
     families = {FIELD_FORMATS[name] for name in given}
     if len(families) > 1:
-        raise ValueError(f"{' and '.join(map(_flag, given))} cannot be combined: they name fields of different "
+        raise ValueError(f"{where}{' and '.join(map(_flag, given))} cannot be combined: they name fields of different "
                          "record formats; give the flags of one format")
+
+
+# ---------------------------------------------------------------------------------------------------- mixtures
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """One [[sources]] table of a mixture (packprep.mixture samples it): its inputs, its size in the output (a
+    token-share weight or a repeat factor) and its record format."""
+
+    paths: tuple[str, ...] = setting((), "Input files, globs or folders of this source.")
+    weight: float | None = setting(None, """Share of the output's tokens (relative: weights are normalized to sum to
+        1).""")
+    epochs: float | None = setting(None, "Repeat factor: whole copies of the documents, a fraction a seeded subsample.")
+    format: RecordFormat = setting("auto", "Record format of this source (auto: detected from the fields).")
+    text_field: str | None = setting(None, "Field holding plain text.")
+    prompt_field: str | None = setting(None, "Field holding the prompt.")
+    completion_field: str | None = setting(None, "Field holding the completion.")
+    messages_field: str | None = setting(None, "Field holding a conversation.")
+
+
+def _source(table, index: int, outer: str = "") -> Source:
+    """A [[sources]] table -> Source, each key and value checked (one line naming the table)."""
+    where = f"{outer}[[sources]] #{index + 1}: "
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}expected a table (paths, weight or epochs, format, field flags), got {_kind(table)}")
+    table = _typed(table, Source, where, "key")
+    source = Source(**table)
+    if not source.paths:
+        raise ValueError(f"{where}paths must name at least one input file, glob or folder")
+    if (source.weight is None) == (source.epochs is None):
+        raise ValueError(f"{where}give either weight (a share of the output's tokens) or epochs (a repeat factor)"
+                         f"{', not both' if source.weight is not None else ''}")
+    for name in ("weight", "epochs"):
+        value = getattr(source, name)
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"{where}{name} must be a number > 0, got {value!r}")
+    _check_field_flags(source, where)
+    return source
+
+
+def _check_mixture(cfg: BuildConfig) -> None:
+    """Sources replace INPUTS and the build-wide format flags; weights and epochs do not mix (a weight is a share of
+    a total that epochs would fix)."""
+    if cfg.max_tokens is not None:
+        _at_least("max_tokens", cfg.max_tokens, 1)
+        if not cfg.sources:
+            raise ValueError("--max-tokens sets the size of a [[sources]] mixture; for one corpus give a single "
+                             "[[sources]] table with weight = 1")
+    if not cfg.sources:
+        return
+    if cfg.inputs:
+        raise ValueError("give the inputs either as INPUTS or as [[sources]] tables in --config, not both")
+    flags = [_flag(n) for n in ("format", *FIELD_FORMATS) if getattr(cfg, n) not in (None, "auto")]
+    if flags:
+        raise ValueError(f"{', '.join(flags)} with [[sources]]: set format and field flags in each [[sources]] table")
+    weighted = {s.weight is not None for s in cfg.sources}
+    if len(weighted) > 1:
+        raise ValueError("[[sources]] mix weight and epochs: give every source a weight (token shares) or every "
+                         "source epochs (repeat factors)")
+    if cfg.max_tokens is not None and weighted == {False}:
+        raise ValueError("--max-tokens applies to weighted [[sources]]; epochs fix each source's tokens")
 
 
 # ---------------------------------------------------------------------------------------------------- typed values
@@ -200,8 +272,8 @@ def _matches(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin is Literal:
         return value in typing.get_args(hint) and isinstance(value, str)
-    if origin is tuple:
-        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if origin is tuple:  # tuple[str, ...] or tuple[Source, ...]
+        return isinstance(value, tuple) and all(isinstance(v, typing.get_args(hint)[0]) for v in value)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -215,7 +287,7 @@ def _describe(hint) -> str:
     if _is_union(hint):
         return " or ".join(_describe(a) for a in _args(hint) if a is not None)
     if typing.get_origin(hint) is tuple:
-        return "a list of strings"
+        return "a list of strings" if typing.get_args(hint)[0] is str else "a list of tables"
     names = {bool: "true or false (a boolean)", int: "an integer", float: "a number", str: "a string"}
     return names.get(hint, str(hint))
 
@@ -257,17 +329,26 @@ def load_config_file(path: str | Path, cls=BuildConfig, section: str = "build") 
         raise ValueError(f"{path}: expected a table of settings at the top level")
     if isinstance(data.get(section), dict) and len(data) == 1:
         data = data[section]
+    return _typed(data, cls, f"{path}: ")
+
+
+def _typed(data: dict, cls, where: str, noun: str = "setting") -> dict:
+    """`data` as keys of `cls` (dashes allowed: seq-len == seq_len), each value checked against its field's type; a
+    string or list for a list field becomes a tuple, [[sources]] tables become `Source`s."""
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     hints = _hints(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}")
-    if isinstance(data.get("inputs"), str):
-        data["inputs"] = [data["inputs"]]
-    if isinstance(data.get("inputs"), list):
-        data["inputs"] = tuple(data["inputs"])
+        raise ValueError(f"{where}unknown {noun}(s) {', '.join(unknown)}; known: {', '.join(sorted(hints))}")
+    for key in ("inputs", "paths"):
+        if isinstance(data.get(key), str):
+            data[key] = [data[key]]
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    if isinstance(data.get("sources"), list):
+        data["sources"] = tuple(_source(t, i, where) for i, t in enumerate(data["sources"]))
     for key, value in data.items():
-        check_value(key, value, hints[key], where=f"{path}: ")
+        check_value(key, value, hints[key], where=where)
     return data
 
 

@@ -8,7 +8,8 @@ A piece is (document, first token, length): a whole document, its first seq_len 
 seq_len-token slices (split). `lay` holds, per piece in plan order, its document ("doc"), its spool position
 ("pos", as if the spool were one array) and its length ("len"); per row, "row_offsets" into the pieces; "order", the
 rows in output order (a seeded permutation unless --no-shuffle); "task_token_base", the spool position of each
-task's first token. Cost: a few numpy passes over the length array plus `pack` (numba); ~40 bytes per piece on disk.
+task's first token. In a mixture "doc" holds doc ids (source, repeat, record: `packprep.mixture`). Cost: a few
+numpy passes over the length array plus `pack` (numba); ~40 bytes per piece on disk.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ _STATS = ("efficiency", "lower_bound", "rows_over_lb", "docs_per_row_mean", "doc
           "padding_tokens_saved", "rows_saved", "steps_reduction")
 
 
-def plan(lengths: np.ndarray, config: BuildConfig) -> tuple[dict, dict, dict]:
-    """Long-doc policy, packing and row order: the arrays the write tasks gather by, plus counts and stats."""
+def plan(lengths: np.ndarray, config: BuildConfig, select=None) -> tuple[dict, dict, dict]:
+    """Long-doc policy, packing and row order: the arrays the write tasks gather by, plus counts and stats.
+    `select` (a mixture's `packprep.mixture.Selection`): the document copies to pack, each with its pieces; the
+    counts of the long-doc policy stay over the input records."""
     from packprep.pack import pack
     from packprep.stats import plan_stats
 
@@ -49,6 +52,9 @@ def plan(lengths: np.ndarray, config: BuildConfig) -> tuple[dict, dict, dict]:
         piece_doc = np.flatnonzero(keep)
         piece_start = np.zeros(len(piece_doc), np.int64)
         piece_len = np.minimum(lengths[piece_doc], seq_len)
+    piece_id = piece_doc
+    if select is not None:  # a mixture: every selected copy of a document brings its pieces, under its own doc id
+        piece_doc, piece_start, piece_len, piece_id = select.pieces(piece_doc, piece_start, piece_len)
     n_long = int(long.sum())
     counts = {
         "input_docs": int(len(lengths)),
@@ -66,7 +72,7 @@ def plan(lengths: np.ndarray, config: BuildConfig) -> tuple[dict, dict, dict]:
     lay = {
         "row_offsets": packed.row_offsets,
         "order": order.astype(np.int64),
-        "doc": piece_doc[packed.doc].astype(np.int64),
+        "doc": piece_id[packed.doc].astype(np.int64),
         "pos": doc_start[piece_doc[packed.doc]] + piece_start[packed.doc] + packed.start,
         "len": packed.length.astype(np.int32),
     }

@@ -97,6 +97,9 @@ def summary_table(manifest: dict, title: str = "packprep build") -> Table:
                   f"split {c['split']:,}, dropped {sum(dropped.values()):,}{f' ({why})' if why else ''}, "
                   f"rejected {c['rejected']:,}{f' ({rejected})' if rejected else ''}")
     table.add_row("tokens", f"{c['tokens']:,}", f"loss tokens {c['loss_tokens']:,}")
+    for i, s in enumerate(c.get("sources", ())):  # a mixture (packprep.mixture): one row per source
+        table.add_row(f"source {i + 1}", f"{s['share']:.4%}", f"target {s['target_share']:.4%}, {s['tokens']:,} "
+                      f"tokens, {s['docs']:,} docs ({s['unique_docs']:,} distinct): {', '.join(s['paths'])}")
     table.add_row("rows", f"{c['rows']:,}", f"seq_len {manifest['seq_len']}, strategy {manifest['strategy']}, "
                   f"{len(manifest['shards'])} shard(s)")
     table.add_row("efficiency", f"{p['efficiency']:.4f}", f"docs/row {p['docs_per_row_mean']:.2f} "

@@ -28,7 +28,7 @@ SCHEMA = pa.schema(
         pa.field("doc_offsets", pa.list_(pa.int32())),  # [0, l1, l1+l2, ..., len(input_ids)] (cu_seqlens)
         pa.field("seq_lengths", pa.list_(pa.int32())),  # [l1, l2, ...] (TRL's padding-free collator reads this)
         pa.field("loss_mask", pa.list_(pa.uint8())),  # 1 where the token carries loss
-        pa.field("doc_ids", pa.list_(pa.int64())),  # source document index of each piece
+        pa.field("doc_ids", pa.list_(pa.int64())),  # source << 48 | repeat << 32 | record (mixture.py)
     ]
 )
 

@@ -8,7 +8,8 @@ row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run 0 < 
 increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, one doc_id per piece within [0,
 input_docs); accounting: every input document is packed or counted, input docs = packed + truncated + split +
 dropped (empty, too long) + rejected, the rejected ones by reason add up and rejects.jsonl holds one line each; the
-distinct documents found in the shards = packed + truncated + split.
+distinct documents found in the shards = packed + truncated + split; a mixture's counts.sources (docs, distinct
+documents, tokens, loss tokens, shares) recounted from the shards (`packprep.mixture.Tally`).
 Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns (~1 GB/s).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from packprep.mixture import Tally
 from packprep.shards import MANIFEST, SCHEMA, open_shard, sha256_file
 
 
@@ -75,6 +77,7 @@ def _verify(out: Path, report: Report) -> Report:
                "temp file or a shard of another build)")
 
     seen = np.zeros(counts["input_docs"], dtype=bool)
+    tally = Tally(counts["sources"]) if "sources" in counts else None  # a mixture: recounted per source
     totals = {"rows": 0, "tokens": 0, "pieces": 0}
     for s in shards:
         path = out / s["file"]
@@ -90,7 +93,7 @@ def _verify(out: Path, report: Report) -> Report:
         except (pa.ArrowInvalid, OSError) as e:
             report.add(f"{name} readable", False, str(e))
             continue
-        problems = _check_rows(table, seq_len, seen)
+        problems = _check_rows(table, seq_len, seen, tally)
         report.add(f"{name} rows", not problems, "; ".join(problems))
         n_tokens = sum(len(c.values) for c in table.column("input_ids").chunks)
         report.add(f"{name} counts", (table.num_rows, n_tokens) == (s["rows"], s["tokens"]),
@@ -108,6 +111,10 @@ def _verify(out: Path, report: Report) -> Report:
     report.add("rejects", sum(reasons.values()) == rejected and _lines(out / "rejects.jsonl") == rejected,
                f"rejected {rejected}, by reason {reasons}, {_lines(out / 'rejects.jsonl')} lines in rejects.jsonl")
     in_shards = counts["packed"] + counts["truncated"] + counts["split"]
+    if tally is not None:  # a mixture holds the documents it sampled
+        problems = tally.problems(counts)
+        report.add("sources", not problems, "; ".join(problems))
+        in_shards = sum(s["unique_docs"] for s in counts["sources"])
     report.add("docs in shards", int(seen.sum()) == in_shards,
                f"{int(seen.sum())} distinct documents in the shards, manifest says {in_shards} were packed")
     report.add("totals", all(totals[k] == counts[k] for k in totals),
@@ -186,8 +193,9 @@ def _lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray) -> list[str]:
-    """Row-level invariants over list offsets; marks the doc_ids found in `seen`."""
+def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray, tally: Tally | None = None) -> list[str]:
+    """Row-level invariants over list offsets; marks the doc_ids found in `seen` (a mixture's ids: their records,
+    tallied per source)."""
     problems = []
     for batch in table.to_batches():
         ids, offs, lens, mask, docs = (batch.column(i) for i in range(5))
@@ -211,7 +219,7 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray) -> list[str]:
             problems.append("seq_lengths != diff(doc_offsets)")
         if not np.array_equal(mask.offsets.to_numpy(), o_ids) or mask.values.to_numpy().max(initial=0) > 1:
             problems.append("loss_mask not aligned with input_ids or not 0/1")
-        d = docs.values.to_numpy()
+        d = docs.values.to_numpy() if tally is None else tally.add(batch)
         if not np.array_equal(docs.offsets.to_numpy(), lens.offsets.to_numpy()):
             problems.append("doc_ids not one per piece")
         elif len(d) and (d.min() < 0 or d.max() >= len(seen)):

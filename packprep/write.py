@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from packprep import layout, spool
+from packprep.mixture import batch_tokens
 from packprep.shards import atomic_file, make_batch, shard_name, write_json_atomic, write_shard
 from packprep.workdir import kill_hook
 
@@ -36,11 +37,13 @@ class WriteContext:
     rows_per_shard: int
     num_shards: int
     batch_rows: int
+    sources: int = 0  # a mixture's sources: each shard's loss tokens are also tallied per source
 
     @classmethod
-    def plan(cls, out: Path, work: Path, rows: int, rows_per_shard: int, seq_len: int) -> WriteContext:
+    def plan(cls, out: Path, work: Path, rows: int, rows_per_shard: int, seq_len: int, sources: int = 0
+             ) -> WriteContext:
         return cls(str(out), str(work), rows, rows_per_shard, -(-rows // rows_per_shard),
-                   max(1, BATCH_TOKENS // seq_len))
+                   max(1, BATCH_TOKENS // seq_len), sources)
 
 
 def shard_done(ctx: WriteContext, index: int) -> dict | None:
@@ -61,18 +64,22 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
     work = Path(ctx.work)
     lay, reader = layout.load(work / "layout"), spool.Reader(work / "spool")
     lo, hi = index * ctx.rows_per_shard, min((index + 1) * ctx.rows_per_shard, ctx.rows)
-    loss = 0
+    loss, source_loss = 0, np.zeros(ctx.sources, np.int64)
 
     def batches():
         nonlocal loss
         for b in range(lo, hi, ctx.batch_rows):
             batch, loss_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, reader)
             loss += loss_tokens
+            if ctx.sources:
+                source_loss[:] += batch_tokens(batch, ctx.sources)[1]
             yield batch
             kill_hook(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
     info = {"index": index, **write_shard(Path(ctx.out) / shard_name(index, ctx.num_shards), batches()),
             "loss_tokens": loss}
+    if ctx.sources:
+        info["source_loss_tokens"] = source_loss.tolist()
     marker = work / "shards" / f"s{index:05d}.done.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, info)

@@ -216,9 +216,9 @@ def test_build_model_reads_the_manifest(tmp_path):
     with fewer embeddings than the tokenizer's vocabulary, or another tokenizer in its folder, is refused."""
     import shutil
 
-    from packprep.tokenizer import BUILTIN, tokenizer_sha256
     from transformers import AutoModelForCausalLM
 
+    from packprep.tokenizer import BUILTIN, tokenizer_sha256
     from trainer.model import preset_config
 
     builtin = tokenizer_sha256(BUILTIN)
