@@ -41,13 +41,29 @@ class Report:
         return [f"{name}: {detail}" for name, passed, detail in self.checks if not passed]
 
 
-def verify(out: str | Path) -> Report:
+def verify(out: str | Path, tokens: int = 0, seed: int = 0, tokenizer: str | None = None) -> Report:
+    """Check a build folder; with `tokens` > 0, also that many sampled documents against the reference
+    tokenization (`check_tokens`)."""
     out, report = Path(out), Report()
     try:
-        return _verify(out, report)
+        _verify(out, report)
     except (KeyError, TypeError) as e:  # a manifest from another version, or edited by hand
         report.add("manifest", False, f"malformed: missing or wrong-typed entry {e}")
-        return report
+    if tokens > 0 and (out / MANIFEST).is_file():
+        check_tokens(out, tokens, seed, report, tokenizer)
+    return report
+
+
+def check_tokens(out: str | Path, n: int, seed: int = 0, report: Report | None = None,
+                 tokenizer: str | None = None) -> Report:
+    """N sampled documents (seeded) re-read from the recorded inputs and tokenized by `packprep.reference`
+    (transformers): tokens, loss_mask and labels must equal the shards'; a failure names the first difference."""
+    from packprep.reference import check_build
+
+    report = report if report is not None else Report()
+    for name, passed, detail in check_build(out, n, seed, tokenizer):
+        report.add(name, passed, detail)
+    return report
 
 
 def _verify(out: Path, report: Report) -> Report:
