@@ -118,8 +118,13 @@ class Reference:
         return ids, mask
 
     def show(self, ids) -> str:
-        """Tokens as text, each quoted: [5, 6] -> "'Hello' ' world'"."""
-        return " ".join(repr(self.tok.decode([int(t)])) for t in ids) or "(nothing)"
+        """Tokens as text, each quoted: [5, 6] -> "'Hello' ' world'"; one that decodes to nothing (SentencePiece's
+        lone "▁") as its vocabulary entry: <▁>."""
+        out = []
+        for t in ids:
+            text = self.tok.decode([int(t)])
+            out.append(repr(text) if text else f"<{self.tok.convert_ids_to_tokens(int(t))}>")
+        return " ".join(out) or "(nothing)"
 
 
 def _render(tok, messages: list[dict], add_generation_prompt: bool) -> str | None:

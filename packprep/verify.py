@@ -3,11 +3,14 @@
 Checks: manifest present and readable; state.json lists exactly the manifest's shards, and no other data-* file (a
 temp file, another build's shard) lies beside them; every shard's sha256, rows and tokens match the manifest; per
 row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run 0 < ... = len(input_ids) strictly
-increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, one doc_id per piece within [0,
+increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, labels (where the shards have
+them) = input_ids where loss_mask else -100 with -100 at each piece's first token, one doc_id per piece within [0,
 input_docs); accounting: every input document is packed or counted, input docs = packed + truncated + split +
 dropped (empty, too long) + rejected, the rejected ones by reason add up and rejects.jsonl holds one line each; the
 distinct documents found in the shards = packed + truncated + split.
-Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns (~1 GB/s).
+Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns.
+`verify(out, tokens=N)` (`packprep verify --tokens N`) adds `check_tokens`: N sampled documents against the
+reference tokenization of `packprep.reference` (transformers), which names the first difference.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray) -> list[str]:
     """Row-level invariants over list offsets; marks the doc_ids found in `seen`."""
     problems = []
     for batch in table.to_batches():
-        ids, offs, lens, mask, docs = (batch.column(i) for i in range(5))
+        ids, offs, lens, mask, docs = (batch.column(c) for c in ("input_ids", "doc_offsets", "seq_lengths",
+                                                                  "loss_mask", "doc_ids"))
         o_ids = ids.offsets.to_numpy()
         o_docs = offs.offsets.to_numpy()
         row_len = np.diff(o_ids)
@@ -160,6 +164,8 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray) -> list[str]:
             problems.append("seq_lengths != diff(doc_offsets)")
         if not np.array_equal(mask.offsets.to_numpy(), o_ids) or mask.values.to_numpy().max(initial=0) > 1:
             problems.append("loss_mask not aligned with input_ids or not 0/1")
+        if "labels" in batch.schema.names and not _labels_ok(batch.column("labels"), ids, mask, v, o_docs):
+            problems.append("labels != input_ids where loss_mask, else -100 (and -100 at every piece's first token)")
         d = docs.values.to_numpy()
         if not np.array_equal(docs.offsets.to_numpy(), lens.offsets.to_numpy()):
             problems.append("doc_ids not one per piece")
@@ -168,3 +174,17 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray) -> list[str]:
         else:
             seen[d] = True
     return problems
+
+
+def _labels_ok(labels, ids, mask, doc_offsets, o_docs) -> bool:
+    """labels = input_ids where loss_mask else -100, and -100 at each piece's first token (HF's unshifted labels)."""
+    # tokens [5 6 7 | 8 9], mask [1 1 1 | 0 1] -> labels [-100 6 7 | -100 9]
+    o_ids = ids.offsets.to_numpy()
+    if not np.array_equal(labels.offsets.to_numpy(), o_ids):
+        return False
+    lo, hi = o_ids[0], o_ids[-1]
+    expected = np.where(mask.values.to_numpy()[lo:hi] != 0, ids.values.to_numpy()[lo:hi], -100)
+    row = np.repeat(np.arange(len(o_ids) - 1), np.diff(o_docs) - 1)
+    firsts = np.delete(doc_offsets[o_docs[0]:o_docs[-1]], o_docs[1:] - 1 - o_docs[0])  # each row's last entry out
+    expected[firsts + o_ids[row] - lo] = -100
+    return np.array_equal(labels.values.to_numpy()[lo:hi], expected)

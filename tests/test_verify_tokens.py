@@ -228,3 +228,49 @@ def test_zoo_conforming(zoo_root, tmp_path, family, fmt, template, generation):
 @pytest.mark.parametrize("family,fmt,template,generation", UNTIL_CONTRACT)
 def test_zoo_until_contract(zoo_root, tmp_path, family, fmt, template, generation):
     zoo_build_passes(zoo_root, tmp_path, family, fmt, template, generation)
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+
+def add_labels(out: Path, corrupt: bool = False) -> None:
+    """Give every shard a `labels` column (HF's unshifted convention), one label wrong if `corrupt`; the manifest's
+    sha256 follows, so the structural checks read the rows."""
+    from packprep.shards import MANIFEST, sha256_file
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    for k, path in enumerate(shard_files(out)):
+        table = open_shard(path)
+        cols = table.to_pydict()
+        cols["labels"] = []
+        for ids, mask, offs in zip(cols["input_ids"], cols["loss_mask"], cols["doc_offsets"]):
+            labels = [t if m else -100 for t, m in zip(ids, mask)]
+            for a in offs[:-1]:
+                labels[a] = -100
+            cols["labels"].append(labels)
+        if corrupt and k == 0:
+            cols["labels"][0][1] = -100
+        schema = table.schema.append(pa.field("labels", pa.list_(pa.int32())))
+        new = pa.Table.from_pydict(cols, schema=schema)
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as w:
+            w.write_table(new)
+        manifest["shards"][k]["sha256"] = sha256_file(path)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_labels_checked(text_build, tmp_path, corrupt):
+    out = tmp_path / "out"
+    shutil.copytree(text_build, out)
+    add_labels(out, corrupt)
+    report = verify(out, tokens=N)
+    assert any(name.startswith("labels vs reference") for name, _, _ in report.checks)
+    if not corrupt:
+        assert report.ok, report.failures
+        return
+    _, doc, _ = first_piece(out)
+    failed = report.failures
+    assert len(failed) == 2, failed
+    assert "labels != input_ids where loss_mask" in failed[0]
+    assert failed[1].startswith("labels vs reference") and f"doc {doc} (text.jsonl record {doc}), token 1 (" in \
+        failed[1] and "found -100" in failed[1]
