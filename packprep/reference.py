@@ -53,22 +53,43 @@ class Reference:
     def encode(self, doc: tuple[str, object]) -> tuple[np.ndarray, np.ndarray]:
         """doc: ("text", str) | ("pc", (prompt, completion)) | ("chat", messages). Raises ValueError where the
         contract refuses (a chat turn that cannot be located)."""
-        kind, value = doc
-        if kind == "text":
-            ids = self.tok(value, split_special_tokens=self.split)["input_ids"]
-            return self._with_eos(ids, np.ones(len(ids), np.uint8))
-        if kind == "pc":
-            prompt, completion = value
-            enc = self.tok(prompt + completion, return_offsets_mapping=True, return_special_tokens_mask=True,
-                           split_special_tokens=self.split)
-            added = np.array(enc["special_tokens_mask"], bool)
-            starts = np.array([a for a, _ in enc["offset_mapping"]], np.int64)
-            body = np.flatnonzero(~added & (starts >= len(prompt)))
-            first = body[0] if len(body) else (np.flatnonzero(~added)[-1] + 1 if (~added).any() else 0)
-            mask = np.zeros(len(enc["input_ids"]), np.uint8)
-            mask[first:] = 1
-            return self._with_eos(enc["input_ids"], mask)
-        return self._chat(value)
+        got = self.encode_all([doc])[0]
+        if isinstance(got, ValueError):
+            raise got
+        return got
+
+    def encode_all(self, docs: list[tuple[str, object]]) -> list:
+        """`encode` of many documents (texts and pairs in one batch call each); a refused one is its ValueError."""
+        out: list = [None] * len(docs)
+        texts = [i for i, (kind, _) in enumerate(docs) if kind == "text"]
+        if texts:
+            encs = self.tok([docs[i][1] for i in texts], split_special_tokens=self.split)["input_ids"]
+            for i, ids in zip(texts, encs):
+                out[i] = self._with_eos(ids, np.ones(len(ids), np.uint8))
+        pairs = [i for i, (kind, _) in enumerate(docs) if kind == "pc"]
+        if pairs:
+            encs = self.tok([p + c for p, c in (docs[i][1] for i in pairs)], return_offsets_mapping=True,
+                            return_special_tokens_mask=True, split_special_tokens=self.split)
+            for k, i in enumerate(pairs):
+                out[i] = self._pair(len(docs[i][1][0]), encs["input_ids"][k], encs["offset_mapping"][k],
+                                    encs["special_tokens_mask"][k])
+        for i, (kind, value) in enumerate(docs):
+            if kind == "chat":
+                try:
+                    out[i] = self._chat(value)
+                except ValueError as e:
+                    out[i] = e
+        return out
+
+    def _pair(self, prompt_chars: int, ids: list[int], offsets, added) -> tuple[np.ndarray, np.ndarray]:
+        """Loss from the first token not added by the post-processor that starts at or after the completion."""
+        added = np.array(added, bool)
+        starts = np.array([a for a, _ in offsets], np.int64)
+        body = np.flatnonzero(~added & (starts >= prompt_chars))
+        first = body[0] if len(body) else (np.flatnonzero(~added)[-1] + 1 if (~added).any() else 0)
+        mask = np.zeros(len(ids), np.uint8)
+        mask[first:] = 1
+        return self._with_eos(ids, mask)
 
     def _with_eos(self, ids: list[int], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if ids and ids[-1] != self.eos:
@@ -162,21 +183,20 @@ def check_build(out: str | Path, n: int, seed: int = 0, tokenizer: str | None = 
     first: dict[str, str] = {}
     bad = {"tokens": 0, "loss_mask": 0, "labels": 0}
     n_tokens = 0
+    present = [d for d in sample.tolist() if d in records]
     for d in sample.tolist():
         if d not in records:
             bad["tokens"] += 1
             first.setdefault("tokens", f"doc {d}: no such record in the inputs (rejected, or past the end), yet the "
                                        "build packed it")
-            continue
-        try:
-            ids, mask = ref.encode(records[d][:2])
-        except ValueError as e:
+    for d, got in zip(present, ref.encode_all([records[d][:2] for d in present])):
+        if isinstance(got, ValueError):
             bad["tokens"] += 1
-            first.setdefault("tokens", f"doc {d}: the reference refuses it ({e}), yet the build packed it")
+            first.setdefault("tokens", f"doc {d}: the reference refuses it ({got}), yet the build packed it")
             continue
         found = pieces["by_doc"][d]
         n_tokens += sum(len(f[0]) for f in found)
-        for key, problem in _compare(ref, f"doc {d} ({records[d][2]})", ids, mask, found, cfg["long_docs"],
+        for key, problem in _compare(ref, f"doc {d} ({records[d][2]})", *got, found, cfg["long_docs"],
                                      m["seq_len"]).items():
             bad[key] += 1
             first.setdefault(key, problem)
@@ -266,7 +286,7 @@ class _PiecesByDoc:
         self.order = np.argsort(doc, kind="stable")
         self.sorted = doc[self.order]
         self.where, self.labels = where, labels
-        self.cols = [{c: t.column(c).chunk(0).values.to_numpy(zero_copy_only=False)
+        self.cols = [{c: t.column(c).chunk(0).values.to_numpy()
                       for c in ("input_ids", "loss_mask", *(("labels",) if labels else ()))} for t in tables]
 
     def __getitem__(self, d: int) -> list:
