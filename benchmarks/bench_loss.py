@@ -1,5 +1,6 @@
-"""Loss memory benchmark: full logits + cross-entropy vs trainer.train.CausalLMLoss (logits only at loss positions,
-chunked, recomputed in backward), same model, same packed batch, same weights.
+"""Loss memory benchmark: full logits + cross-entropy vs trainer.loss.CausalLMLoss (logits only at loss positions,
+chunked, each chunk's gradients computed in the forward pass: no logits are recomputed in backward), same model, same
+packed batch, same weights.
 
 For each vocabulary size: peak GPU memory of a training step (forward + backward + AdamW step), the mean step time
 after a warm-up, and the loss of both paths on the first step (they must agree). Half of the tokens carry loss (a
@@ -21,8 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.data import make_varlen_batch  # noqa: E402
+from trainer.loss import CausalLMLoss  # noqa: E402
 from trainer.model import build_model, model_inputs  # noqa: E402
-from trainer.train import CausalLMLoss, make_optimizer, train_step  # noqa: E402
+from trainer.optim import make_optimizer  # noqa: E402
+from trainer.train import train_step  # noqa: E402
 
 
 def run(vocab: int, mode: str, args, device) -> dict:

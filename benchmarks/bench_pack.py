@@ -2,7 +2,8 @@
 
 1. 10M SFT-like lengths (lognormal, mean ~250, clipped to 4096), seq_len 4096: ffd / bfd / greedy / random time
    (pack() end to end, best of 3 after a JIT warm-up, one core), peak extra memory (RSS high-water mark of a fresh
-   process minus its RSS before packing, and the plan's array bytes), rows / lower bound.
+   process minus its RSS before packing, and the plan's array bytes), rows / lower bound. 100M and 1B documents of
+   the real mix: benchmarks/bench_billion.py.
 2. TRL's `trl.data_utils._pack_bfd` on a one-column pyarrow table of a 300k subset vs ours on the same lengths, in
    the same run: time, rows, ratio, and whether the rows hold the same documents in the same order.
 3. The real SFT mix benchmarks/data/sft_lengths_qwen.npy (9,990 docs, Qwen BPE), as is, resampled to 1M docs and
@@ -60,7 +61,8 @@ def memory_child(lengths_path: str, strategy: str, seq_len: int) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     plan = pack(lengths, seq_len, strategy)
     peak = _rss_kib("VmHWM")
-    plan_bytes = sum(a.nbytes for a in (plan.row_offsets, plan.doc, plan.start, plan.length))
+    arrays = (plan.row_offsets, plan.doc, plan.start, plan.length)
+    plan_bytes = sum(a.nbytes for a in arrays if a.strides != (0,))  # an uncut plan's start is a view of one zero
     print(json.dumps({"peak_extra_bytes": (peak - before) * 1024, "plan_bytes": plan_bytes}))
 
 

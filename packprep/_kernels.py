@@ -1,11 +1,16 @@
 """Numba kernels: arrays in, arrays out, no validation (that is `packprep.pack`'s and the readers' job).
 
-ffd, bfd and greedy are split the same way, so the peak memory stays small and each step is easy to check
-(b2f fills rows one by one in `b2f_pack`; random cuts a shuffled stream in `cut_stream`):
-    order, run_need, run_size = counting_sort_descending(lengths, seq_len)   int32[N], O(N + seq_len)
-    row_of_sorted, rows = <strategy>_assign_rows(run_need, run_size, seq_len) int32[N], the row of order[k]
-    row_offsets, doc, length = gather_rows(order, row_of_sorted, ...)         int64[rows + 1], int64[N] x2
-The sorted lengths travel as runs (length, count), so no pass looks a length up in document order.
+The plan is written into arrays the caller allocates (int32 wherever the values fit), and no pass holds an
+int64 per document or an argsort's index array. Every strategy but random and none starts from the sorted
+lengths as runs (length, count), a counting sort without its order array:
+    run_need, run_size = length_runs(lengths, seq_len)                          O(N + seq_len) time, O(seq_len)
+ffd and b2f fill rows one by one, bfd assigns rows, and both end as the plan slot of every sorted document:
+    rows = fill_rows(run_need, run_size, seq_len, tries, slots, row_offsets)      slots: int32[N]
+    rows = bfd_assign_rows(run_need, run_size, seq_len, slots, ...); rows_to_slots(slots, row_offsets)
+    place_docs(lengths, run_need, run_size, slots, doc)       doc[slots[k]] = k-th sorted document, int32[N]
+    gather_lengths(lengths, doc, slots)                       the slots' memory becomes the piece lengths
+so the peak is lengths + slots + doc (12 bytes/document) plus the row offsets. greedy's rows are runs of the
+sorted order (`greedy_rows`, `sorted_order`); random cuts a shuffled stream in place (`cut_stream`).
 Rows are numbered in the order they are opened; inside a row, pieces keep the order they were placed in.
 `tests/reference.py` holds the same algorithms in a few lines of plain Python with the same tie-breaking.
 `json_array_cuts` is the input side's one kernel: the byte scan that cuts a JSON array file into tasks
@@ -20,22 +25,14 @@ import numpy as np
 
 
 @numba.njit(cache=True)
-def counting_sort_descending(lengths, seq_len):
-    """Document indices by length descending, ties by index ascending (stable); lengths in 1..seq_len.
-
-    Also returns the sorted lengths as runs, so later passes never look lengths up in document order (a cache
-    miss per document): lengths [3, 5, 3, 1] -> order [1, 0, 2, 3], run_need [5, 3, 1], run_size [1, 2, 1].
-    O(N + seq_len) time; int32[N] + O(seq_len) memory.
-    """
+def length_runs(lengths, seq_len):
+    """The lengths sorted descending, as runs (a counting sort that never materialises the order):
+    lengths [3, 5, 3, 1] -> run_need [5, 3, 1], run_size [1, 2, 1]. O(N + seq_len) time, O(seq_len) memory."""
     count_of_length = np.zeros(seq_len + 1, np.int64)
     for i in range(lengths.size):
         count_of_length[lengths[i]] += 1
-    next_slot = np.empty(seq_len + 1, np.int64)  # first output slot of each length, longest first
-    slots_taken = 0
     num_runs = 0
-    for length in range(seq_len, 0, -1):
-        next_slot[length] = slots_taken
-        slots_taken += count_of_length[length]
+    for length in range(1, seq_len + 1):
         num_runs += count_of_length[length] > 0
     run_need = np.empty(num_runs, np.int32)
     run_size = np.empty(num_runs, np.int64)
@@ -45,82 +42,73 @@ def counting_sort_descending(lengths, seq_len):
             run_need[run] = length
             run_size[run] = count_of_length[length]
             run += 1
-    order = np.empty(lengths.size, np.int32)
-    for i in range(lengths.size):
-        length = lengths[i]
-        order[next_slot[length]] = i
-        next_slot[length] += 1
-    return order, run_need, run_size
-
-
-# ---------------------------------------------------------------------------------------------------- ffd
+    return run_need, run_size
 
 
 @numba.njit(cache=True)
-def _grow_max_tree(max_tree, num_leaves):
-    """The same max-tree with twice the leaves; the new leaves are 0 (rows not opened yet)."""
-    grown = np.zeros(4 * num_leaves, max_tree.dtype)
-    grown[2 * num_leaves : 3 * num_leaves] = max_tree[num_leaves : 2 * num_leaves]
-    for node in range(2 * num_leaves - 1, 0, -1):
-        grown[node] = max(grown[2 * node], grown[2 * node + 1])
-    return grown
-
-
-@numba.njit(cache=True)
-def _leftmost_at_least(max_tree, num_leaves, node, need):
-    """Descend from `node` (whose max is >= need) to its leftmost leaf >= need; branch-free per level."""
-    while node < num_leaves:
-        node = 2 * node
-        node += max_tree[node] < need
-    return node
-
-
-@numba.njit(cache=True)
-def ffd_assign_rows(run_need, run_size, seq_len):
-    """First-fit-decreasing: each document (longest first) goes into the lowest-numbered row it fits in.
-
-    A max-tree over the rows' free space finds that row in O(log rows): leaf `num_leaves + r` holds row r's free
-    tokens (0 for rows not opened yet), every inner node the max of its two children, so "leftmost leaf >= need"
-    is one walk from the root. The tree doubles when the rows fill it: memory O(rows), not O(documents).
-    Documents of equal length come in runs; within a run the first fit never moves left (rows only lose space),
-    so the search starts at the previous document's row and climbs only as far as it must: mostly O(1).
-    Returns (row_of_sorted int32[N], num_rows).
-    """
-    row_of_sorted = np.empty(run_size.sum(), np.int32)
-    num_leaves = 1024
-    free_tree = np.zeros(2 * num_leaves, np.int32)
-    num_rows = 0
+def _first_sorted_position(run_need, run_size):
+    """Per length: the sorted position of its first (lowest-index) document. O(longest length) memory, only the
+    entries of lengths that occur are written or read."""
+    first = np.empty(run_need[0] + 1, np.int64)
     k = 0
     for run in range(run_need.size):
-        need = run_need[run]
-        leaf = 1  # no row of this run yet: search from the root
-        for _ in range(run_size[run]):
-            if free_tree[1] < need:  # no open row fits
-                leaf = -1
-            elif leaf == 1:
-                leaf = _leftmost_at_least(free_tree, num_leaves, 1, need)
-            elif free_tree[leaf] < need:  # the run's previous row is full now: climb right of it, walk down
-                while leaf % 2 == 1 or free_tree[leaf + 1] < need:
-                    leaf //= 2  # the root fits, so a right sibling that fits exists on the way up
-                leaf = _leftmost_at_least(free_tree, num_leaves, leaf + 1, need)
-            if leaf < 0:  # open a new row
-                if num_rows == num_leaves:
-                    free_tree = _grow_max_tree(free_tree, num_leaves)
-                    num_leaves *= 2
-                leaf = num_leaves + num_rows
-                free_tree[leaf] = seq_len
-                num_rows += 1
-            free_tree[leaf] -= need
-            node = leaf // 2
-            while node >= 1:  # restore the max up the path; stop as soon as a node keeps its value
-                largest = max(free_tree[2 * node], free_tree[2 * node + 1])
-                if free_tree[node] == largest:
-                    break
-                free_tree[node] = largest
-                node //= 2
-            row_of_sorted[k] = leaf - num_leaves
-            k += 1
-    return row_of_sorted, num_rows
+        first[run_need[run]] = k
+        k += run_size[run]
+    return first
+
+
+@numba.njit(cache=True)
+def sorted_order(lengths, run_need, run_size, order):
+    """order[k] = the k-th document by length descending, ties by index ascending (the stable counting sort):
+    lengths [3, 5, 3, 1] -> order [1, 0, 2, 3]. Writes `order` (int32[N]) in place."""
+    next_position = _first_sorted_position(run_need, run_size)
+    for i in range(lengths.size):
+        length = lengths[i]
+        order[next_position[length]] = i
+        next_position[length] += 1
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+@numba.njit(cache=True)
+def rows_to_slots(row_of_sorted, row_offsets):
+    """In place: the row of each sorted document becomes its slot in the plan (rows in order, pieces in placement
+    order), and `row_offsets` (zeros, int[rows + 1]) gets each row's first slot.
+
+    row_of_sorted [0, 1, 0] -> slots [0, 2, 1], row_offsets [0, 2, 3]. The counts are prefix-summed into
+    row_offsets, which then serves as each row's write cursor and is shifted back: no second rows-sized array.
+    """
+    num_rows = row_offsets.size - 1
+    for k in range(row_of_sorted.size):
+        row_offsets[row_of_sorted[k] + 1] += 1
+    for row in range(num_rows):
+        row_offsets[row + 1] += row_offsets[row]
+    for k in range(row_of_sorted.size):
+        row = row_of_sorted[k]
+        row_of_sorted[k] = row_offsets[row]
+        row_offsets[row] += 1
+    for row in range(num_rows, 0, -1):  # each cursor ended at the next row's first slot
+        row_offsets[row] = row_offsets[row - 1]
+    row_offsets[0] = 0
+
+
+@numba.njit(cache=True)
+def place_docs(lengths, run_need, run_size, slot_of_sorted, doc):
+    """doc[slot_of_sorted[k]] = the k-th document in sorted order, without the order array: scanning documents by
+    index, document i is the next one of its length, so its sorted position is its length's next position."""
+    next_position = _first_sorted_position(run_need, run_size)
+    for i in range(lengths.size):
+        length = lengths[i]
+        doc[slot_of_sorted[next_position[length]]] = i
+        next_position[length] += 1
+
+
+@numba.njit(cache=True)
+def gather_lengths(lengths, doc, piece_length):
+    """piece_length[p] = lengths[doc[p]]; `piece_length` may be the memory of a dead int32 array (the slots)."""
+    for p in range(doc.size):
+        piece_length[p] = lengths[doc[p]]
 
 
 # ---------------------------------------------------------------------------------------------------- bfd
@@ -166,22 +154,27 @@ def _clear_flag(flag_tree, num_leaves, value):
 
 
 @numba.njit(cache=True)
-def bfd_assign_rows(run_need, run_size, seq_len):
+def _flag_tree(seq_len):
+    """(flag_tree, num_leaves): one leaf per value 0..seq_len, all clear."""
+    num_leaves = 1
+    while num_leaves < seq_len + 1:
+        num_leaves *= 2
+    return np.zeros(2 * num_leaves, np.uint8), num_leaves
+
+
+@numba.njit(cache=True)
+def bfd_assign_rows(run_need, run_size, seq_len, row_of_sorted, next_in_bucket):
     """Best-fit-decreasing: each document (longest first) goes into the row with the least free space that fits.
 
     Rows are kept in buckets by free space (1..seq_len-1; full rows leave the buckets). A flag tree over the
     free-space values finds the smallest non-empty bucket >= need in O(log seq_len). Tie-break: a bucket is a
     FIFO queue, so among rows with equal free space the one that reached that free space first is used (what TRL's
-    `_pack_bfd` does with its deque, so the rows match TRL's). Returns (row_of_sorted int32[N], num_rows).
+    `_pack_bfd` does with its deque, so the rows match TRL's). Writes row_of_sorted (int32[N]) and uses
+    `next_in_bucket` (int32, one per row: the next-newer row of its bucket) as scratch; returns the number of rows.
     """
-    row_of_sorted = np.empty(run_size.sum(), np.int32)
-    num_leaves = 1
-    while num_leaves < seq_len + 1:
-        num_leaves *= 2
-    flag_tree = np.zeros(2 * num_leaves, np.uint8)
+    flag_tree, num_leaves = _flag_tree(seq_len)
     bucket_head = np.full(seq_len + 1, -1, np.int32)  # oldest row with this free space
     bucket_tail = np.full(seq_len + 1, -1, np.int32)  # newest row with this free space
-    next_in_bucket = np.empty(1024, np.int32)  # per row: the next-newer row of its bucket, -1 at the tail
     num_rows = 0
     k = 0
     for run in range(run_need.size):
@@ -189,12 +182,10 @@ def bfd_assign_rows(run_need, run_size, seq_len):
         for _ in range(run_size[run]):
             free = _first_flag_at_or_after(flag_tree, num_leaves, need)
             if free < 0:  # no open row fits: open a new one
+                if num_rows == next_in_bucket.size:
+                    raise AssertionError("more rows than the any-fit bound")
                 row = num_rows
                 num_rows += 1
-                if row == next_in_bucket.size:
-                    grown = np.empty(2 * next_in_bucket.size, np.int32)
-                    grown[: next_in_bucket.size] = next_in_bucket
-                    next_in_bucket = grown
                 free = seq_len
             else:  # take the oldest row of the bucket
                 row = bucket_head[free]
@@ -213,33 +204,36 @@ def bfd_assign_rows(run_need, run_size, seq_len):
                 bucket_tail[free] = row
             row_of_sorted[k] = row
             k += 1
-    return row_of_sorted, num_rows
+    return num_rows
 
 
 # ---------------------------------------------------------------------------------------------------- greedy
 
 
 @numba.njit(cache=True)
-def greedy_assign_rows(run_need, run_size, seq_len):
+def greedy_rows(run_need, run_size, seq_len, row_offsets):
     """The Packing Analysis paper's greedy packing: fill the current row in sorted order, close it at the first
-    document that does not fit (never look back). Returns (row_of_sorted int32[N], num_rows)."""
-    row_of_sorted = np.empty(run_size.sum(), np.int32)
-    row = -1
+    document that does not fit (never look back). Rows are consecutive runs of the sorted order, so only
+    row_offsets (int[rows + 1]) is written; returns the number of rows."""
+    num_rows = 0
     used = seq_len  # so the first document opens row 0
     k = 0
     for run in range(run_need.size):
         need = run_need[run]
         for _ in range(run_size[run]):
             if used + need > seq_len:
-                row += 1
+                if num_rows == row_offsets.size - 1:
+                    raise AssertionError("more rows than the next-fit bound")
+                row_offsets[num_rows] = k
+                num_rows += 1
                 used = 0
             used += need
-            row_of_sorted[k] = row
             k += 1
-    return row_of_sorted, row + 1
+    row_offsets[num_rows] = k
+    return num_rows
 
 
-# ---------------------------------------------------------------------------------------------------- b2f
+# ---------------------------------------------------------------------------------------------------- ffd, b2f
 
 
 @numba.njit(cache=True)
@@ -278,55 +272,69 @@ def _balanced_pair(flag_tree, num_leaves, pool_left, target):
 
 
 @numba.njit(cache=True)
-def b2f_pack(order, run_need, run_size, seq_len, repair_tries):
-    """First-fit-decreasing filled row by row, then best-two-fit repair (Friesen & Langston's B2F).
+def _take(length, count, slot, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted):
+    """Take the next `count` unpacked documents of `length` (their pool's lowest sorted positions) into plan slots
+    slot, slot + 1, ..."""
+    first = pool_start[length] + taken[length]
+    for t in range(count):
+        slot_of_sorted[first + t] = slot + t
+    taken[length] += count
+    pool_left[length] -= count
+    if pool_left[length] == 0:
+        _clear_flag(flag_tree, num_leaves, length)
 
-    Filling each row with the largest unpacked document that fits, until none fits, gives exactly FFD's rows. When
+
+@numba.njit(cache=True)
+def fill_rows(run_need, run_size, seq_len, repair_tries, slot_of_sorted, row_offsets):
+    """First-fit-decreasing filled row by row; with repair_tries > 0, best-two-fit repair (Friesen & Langston's B2F).
+
+    Filling each row with the largest unpacked document that fits, until none fits, gives exactly FFD's rows (and
+    FFD's order inside a row); the largest length that fits is taken as many times as it fits in one step. When
     a row keeps free space, its last `repair_tries` documents (smallest first) are tried in turn: put the document
     back and take the most balanced pair of unpacked documents that fills the row exactly (the larger takes the
     document's place, the smaller goes last). Exact fits cost one document each, which FFD leaves to later rows.
-    Unpacked documents sit in per-length pools (slices of `order`, lowest index first; a document put back is the
-    next one taken); a flag tree over lengths finds the largest that fits in O(log seq_len).
-    Returns (row_offsets, doc, length), int64.
+    Unpacked documents sit in per-length pools of sorted positions (lowest first; a document put back is the next
+    one taken); a flag tree over lengths finds the largest that fits in O(log seq_len). Writes slot_of_sorted
+    (int32[N]: the plan slot of the k-th sorted document) and row_offsets (int[>= rows + 1]); returns the number
+    of rows. O(N log seq_len) time, O(seq_len) memory of its own.
     """
-    num_docs = order.size
-    pool_start = np.zeros(seq_len + 1, np.int64)  # pool of length L: order[pool_start[L] + taken[L] : ...]
+    num_docs = slot_of_sorted.size
+    pool_start = np.zeros(seq_len + 1, np.int64)  # pool of length L: sorted positions pool_start[L] + taken[L]...
     pool_left = np.zeros(seq_len + 1, np.int64)
     taken = np.zeros(seq_len + 1, np.int64)
-    num_leaves = 1
-    while num_leaves < seq_len + 1:
-        num_leaves *= 2
-    flag_tree = np.zeros(2 * num_leaves, np.uint8)  # flag L: pool L is not empty
-    slot = 0
+    flag_tree, num_leaves = _flag_tree(seq_len)  # flag L: pool L is not empty
+    position = 0
     for run in range(run_need.size):
-        pool_start[run_need[run]] = slot
+        pool_start[run_need[run]] = position
         pool_left[run_need[run]] = run_size[run]
-        slot += run_size[run]
+        position += run_size[run]
         _set_flag(flag_tree, num_leaves, run_need[run])
-    doc = np.empty(num_docs, np.int64)
-    piece_length = np.empty(num_docs, np.int64)
-    row_offsets = np.zeros(1024, np.int64)
+    row_need = np.empty(min(seq_len, num_docs) + 1, np.int32)  # lengths of the current row's pieces
     num_rows = 0
     written = 0
     while written < num_docs:
+        if num_rows == row_offsets.size - 1:
+            raise AssertionError("more rows than the first-fit bound")
         row_start = written
         free = seq_len
-        while free > 0:  # FFD: the largest document that still fits
-            length = _last_flag_at_or_before(flag_tree, num_leaves, free)
+        longest = _last_flag_at_or_before(flag_tree, num_leaves, num_leaves - 1)  # the longest pooled length
+        while free > 0:  # FFD: the largest document that still fits, as often as it fits
+            length = longest if free >= longest else _last_flag_at_or_before(flag_tree, num_leaves, free)
             if length <= 0:
                 break
-            doc[written] = order[pool_start[length] + taken[length]]
-            piece_length[written] = length
-            written += 1
-            taken[length] += 1
-            pool_left[length] -= 1
-            if pool_left[length] == 0:
-                _clear_flag(flag_tree, num_leaves, length)
-            free -= length
+            count = min(free // length, pool_left[length])
+            _take(length, count, written, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
+            row_need[written - row_start : written - row_start + count] = length
+            written += count
+            free -= count * length
+            if length == longest and pool_left[length] == 0:
+                longest = _last_flag_at_or_before(flag_tree, num_leaves, length)
         for j in range(written - 1, max(row_start, written - repair_tries) - 1, -1):
             if free == 0 or written == num_docs:
                 break
-            put_back = piece_length[j]  # identical lengths fail identically, so this is the pool's last-taken doc
+            # identical lengths fail identically, so a success is at the row's last piece of this length: the
+            # pool's last-taken document, which goes back to the pool's front
+            put_back = row_need[j - row_start]
             pool_left[put_back] += 1  # tentatively back in its pool
             if pool_left[put_back] == 1:
                 _set_flag(flag_tree, num_leaves, put_back)
@@ -336,51 +344,21 @@ def b2f_pack(order, run_need, run_size, seq_len, repair_tries):
                 if pool_left[put_back] == 0:
                     _clear_flag(flag_tree, num_leaves, put_back)
                 continue
-            taken[put_back] -= 1
-            for slot_index, length in ((j, put_back + free - small), (written, small)):
-                doc[slot_index] = order[pool_start[length] + taken[length]]
-                piece_length[slot_index] = length
-                taken[length] += 1
-                pool_left[length] -= 1
-                if pool_left[length] == 0:
-                    _clear_flag(flag_tree, num_leaves, length)
+            taken[put_back] -= 1  # its slot_of_sorted entry is rewritten when it is taken again
+            large = put_back + free - small
+            _take(large, 1, j, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
+            _take(small, 1, written, pool_start, pool_left, taken, flag_tree, num_leaves, slot_of_sorted)
+            row_need[j - row_start] = large
+            row_need[written - row_start] = small
             written += 1
             free = 0
         num_rows += 1
-        if num_rows == row_offsets.size:
-            grown = np.zeros(2 * row_offsets.size, np.int64)
-            grown[: row_offsets.size] = row_offsets
-            row_offsets = grown
         row_offsets[num_rows] = written
-    return row_offsets[: num_rows + 1].copy(), doc, piece_length
+    row_offsets[0] = 0
+    return num_rows
 
 
-# ---------------------------------------------------------------------------------------------------- output
-
-
-@numba.njit(cache=True)
-def gather_rows(order, row_of_sorted, num_rows, run_need, run_size):
-    """Group documents by row: (row_offsets int64[rows + 1], doc int64[N], length int64[N]), in placement order.
-
-    order [1, 0, 2], row_of_sorted [0, 1, 0] -> row_offsets [0, 2, 3], doc [1, 2, 0].
-    """
-    row_offsets = np.zeros(num_rows + 1, np.int64)
-    for k in range(row_of_sorted.size):
-        row_offsets[row_of_sorted[k] + 1] += 1
-    for row in range(num_rows):
-        row_offsets[row + 1] += row_offsets[row]
-    next_slot = row_offsets[:-1].copy()
-    doc = np.empty(order.size, np.int64)
-    piece_length = np.empty(order.size, np.int64)
-    k = 0
-    for run in range(run_need.size):
-        for _ in range(run_size[run]):
-            slot = next_slot[row_of_sorted[k]]
-            doc[slot] = order[k]
-            piece_length[slot] = run_need[run]
-            next_slot[row_of_sorted[k]] = slot + 1
-            k += 1
-    return row_offsets, doc, piece_length
+# ---------------------------------------------------------------------------------------------------- build
 
 
 @numba.njit(cache=True, nogil=True)
@@ -398,48 +376,50 @@ def copy_pieces(src_ids, src_mask, src_start, dst_ids, dst_mask, dst_start, leng
 
 
 @numba.njit(cache=True)
-def cut_stream(lengths, doc_order, seq_len):
-    """Concatenate the documents in `doc_order` and cut every `seq_len` tokens; a cut document becomes pieces.
-
-    lengths [3, 4], doc_order [1, 0], seq_len 5 -> rows [doc 1 (0..4), doc 0 (0..1)], [doc 0 (1..3)].
-    Returns (row_offsets, doc, start, length), all int64. Two passes: count the pieces, then fill.
-    """
+def count_stream_pieces(lengths, doc_order, seq_len):
+    """Pieces made by concatenating the documents in `doc_order` and cutting every `seq_len` tokens."""
     num_pieces = 0
-    total = 0
     used = 0
     for k in range(doc_order.size):
         remaining = lengths[doc_order[k]]
-        total += remaining
         while remaining > 0:
             take = min(remaining, seq_len - used)
             num_pieces += 1
             remaining -= take
             used = (used + take) % seq_len
-    num_rows = (total + seq_len - 1) // seq_len
-    row_offsets = np.empty(num_rows + 1, np.int64)
-    doc = np.empty(num_pieces, np.int64)
-    start = np.empty(num_pieces, np.int64)
-    piece_length = np.empty(num_pieces, np.int64)
+    return num_pieces
+
+
+@numba.njit(cache=True)
+def cut_stream(lengths, num_docs, seq_len, doc, start, piece_length, row_offsets):
+    """Concatenate the documents in doc order and cut every `seq_len` tokens; a cut document becomes pieces.
+
+    The order comes in at the tail of `doc` (doc[pieces - num_docs:]), and the pieces are written from its front:
+    a document's id is read before its pieces are written, and the write position never passes the read position.
+    lengths [3, 4], order [1, 0], seq_len 5 -> rows [doc 1 (0..4), doc 0 (0..1)], [doc 0 (1..3)].
+    Writes doc, start, piece_length (one per piece) and row_offsets (int[rows + 1]).
+    """
+    num_pieces = doc.size
     piece = 0
     row = 0
     used = 0
-    for k in range(doc_order.size):
-        remaining = lengths[doc_order[k]]
+    for k in range(num_docs):
+        this_doc = doc[num_pieces - num_docs + k]
+        remaining = lengths[this_doc]
         offset = 0
         while remaining > 0:
             if used == 0:
                 row_offsets[row] = piece
                 row += 1
             take = min(remaining, seq_len - used)
-            doc[piece] = doc_order[k]
+            doc[piece] = this_doc
             start[piece] = offset
             piece_length[piece] = take
             piece += 1
             offset += take
             remaining -= take
             used = (used + take) % seq_len
-    row_offsets[num_rows] = num_pieces
-    return row_offsets, doc, start, piece_length
+    row_offsets[row] = num_pieces
 
 
 # ---------------------------------------------------------------------------------------------------- JSON array scan

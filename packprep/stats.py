@@ -1,7 +1,7 @@
 """Statistics of a packing plan, shared by everything that reports on one (simulate, build manifest, benchmarks).
 
-`plan_stats(plan, seq_len)` returns plain JSON-serialisable Python values. O(pieces) numpy work, a few temporary
-arrays of pieces size; 10M pieces in well under a second.
+`plan_stats(plan, seq_len)` returns plain JSON-serialisable Python values. O(pieces) numpy work with temporaries of
+rows size only (no array per piece), so it fits beside a billion-document plan.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def plan_stats(plan: Plan, seq_len: int) -> dict:
     rows = plan.num_rows
     pieces = plan.num_pieces
     tokens = plan.num_tokens
-    docs = int(np.count_nonzero(plan.start == 0))  # every document has exactly one piece starting at token 0
+    split_docs = int(np.count_nonzero(plan.start))  # pieces that continue a cut document
+    docs = pieces - split_docs  # every document has exactly one piece starting at token 0
     lower_bound = lower_bound_rows(tokens, seq_len)
     pieces_per_row = np.diff(plan.row_offsets)
     padded_rows = docs  # strategy "none"
@@ -37,7 +38,7 @@ def plan_stats(plan: Plan, seq_len: int) -> dict:
         "seq_len": seq_len,
         "docs": docs,
         "pieces": pieces,
-        "split_docs": int(np.count_nonzero(plan.start > 0)),  # pieces that continue a cut document
+        "split_docs": split_docs,
         "rows": rows,
         "tokens": tokens,
         "efficiency": tokens / (rows * seq_len) if rows else 0.0,

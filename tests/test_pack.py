@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packprep import _kernels
-from packprep.pack import STRATEGIES, Plan, _sort_descending, pack
+from packprep.pack import STRATEGIES, Plan, offsets_dtype, pack
 from packprep.stats import lower_bound_rows, plan_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
+
+pack_module = sys.modules["packprep.pack"]  # the module (packprep.pack the attribute may be the function)
 
 REAL_LENGTHS = Path(__file__).parents[1] / "benchmarks" / "data" / "sft_lengths_qwen.npy"
 REFERENCES = {
@@ -36,13 +37,15 @@ def packing_inputs(draw, max_docs=40):
 
 
 def check_invariants(plan: Plan, lengths, seq_len):
-    """Every token of every document in exactly one piece, no row over seq_len, no empty row, sane arrays."""
+    """Every token of every document in exactly one piece, no row over seq_len, no empty row, int32 arrays."""
     for name in ("row_offsets", "doc", "start", "length"):
-        assert getattr(plan, name).dtype == np.int64, name
+        assert getattr(plan, name).dtype == np.int32, name
+        assert getattr(plan, name).ndim == 1, name
     offsets = plan.row_offsets
     assert offsets[0] == 0 and offsets[-1] == plan.num_pieces
     assert np.all(np.diff(offsets) >= 1), "empty row"
     assert np.all(plan.length >= 1)
+    assert plan.row_tokens().tolist() == [int(plan.length[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])]
     assert plan.row_tokens().max(initial=0) <= seq_len
     covered = {}
     for d, s, n in zip(plan.doc.tolist(), plan.start.tolist(), plan.length.tolist()):
@@ -144,15 +147,36 @@ def test_b2f_repairs_a_row():
                                                              [(1, 0, 3), (2, 0, 3), (3, 0, 3)]]
 
 
-@settings(max_examples=40, deadline=None)
-@given(inputs=packing_inputs())
-def test_b2f_without_repair_is_ffd(inputs):
-    lengths, seq_len = inputs
-    lengths32 = np.array(lengths, np.int32)
-    order, run_need, run_size = _sort_descending(lengths32, seq_len)
-    row_offsets, doc, length = _kernels.b2f_pack(order, run_need, run_size, np.int64(seq_len), np.int64(0))
-    ffd = pack(lengths32, seq_len, "ffd")
-    assert np.array_equal(row_offsets, ffd.row_offsets) and np.array_equal(doc, ffd.doc)
+def test_offsets_dtype_switches_to_int64_past_int32():
+    assert offsets_dtype(0) is np.int32
+    assert offsets_dtype(2**31 - 1) is np.int32  # the largest piece index that int32 offsets can end at
+    assert offsets_dtype(2**31) is np.int64
+    assert offsets_dtype(5 * 2**31) is np.int64
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_int64_offsets_give_the_same_plan(strategy, monkeypatch):
+    # what a plan of > 2^31 pieces gets, forced on a small one: the kernels write either dtype alike
+    lengths = np.random.default_rng(3).integers(1, 100, 2000)
+    expected = reference.plan_rows(pack(lengths, 128, strategy))
+    monkeypatch.setattr(pack_module, "offsets_dtype", lambda num_pieces: np.int64)
+    plan = pack(lengths, 128, strategy)
+    assert plan.row_offsets.dtype == np.int64
+    assert reference.plan_rows(plan) == expected
+
+
+@pytest.mark.parametrize("strategy", ["ffd", "bfd", "greedy", "b2f", "none"])
+def test_uncut_plans_share_one_zero_for_start(strategy):
+    plan = pack(np.full(1000, 7), 64, strategy)
+    assert plan.start.dtype == np.int32 and plan.start.shape == (1000,) and plan.start.strides == (0,)
+    assert not plan.start.any() and not plan.start.flags.writeable
+
+
+def test_plan_does_not_alias_the_input():
+    lengths = np.array([5, 3, 4, 2], np.int32)
+    for strategy in STRATEGIES:
+        plan = pack(lengths, 8, strategy)
+        assert not any(np.shares_memory(lengths, a) for a in (plan.row_offsets, plan.doc, plan.start, plan.length))
 
 
 def test_huge_seq_len_uses_argsort_same_plan():
@@ -234,3 +258,36 @@ def test_plan_helpers():
     assert plan.doc[plan.row(0)].tolist() == [1, 2]
     assert plan.row_tokens().tolist() == [8, 8, 2]
     assert "rows=3" in repr(plan) and plan.num_tokens == 18
+
+
+
+MEMORY_CHILD = """
+import sys
+from pathlib import Path
+import numpy as np
+from packprep.pack import pack
+
+def kib(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+
+lengths = np.random.default_rng(0).choice(np.load(sys.argv[1]), 4_000_000).astype(np.int32)
+pack(lengths[:1000], 4096, sys.argv[2])  # JIT cache load
+before = kib("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+plan = pack(lengths, 4096, sys.argv[2])
+print((kib("VmHWM:") - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc RSS high-water marks")
+@pytest.mark.parametrize("strategy", ["ffd", "bfd"])  # the two ways to slots: fill_rows, rows_to_slots
+def test_peak_memory_beside_the_lengths_is_8_bytes_per_document(strategy):
+    # 4M real-mix documents at 4096 (26 a row) in a fresh process: slots + doc (the slots become `length`) + rows;
+    # with int64 plans and an order array it was ~24 bytes/document
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}  # measured with the compiled kernels
+    extra = int(subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(REAL_LENGTHS), strategy], check=True,
+                               capture_output=True, text=True, env=env).stdout)
+    assert extra <= 8.5 * 4_000_000 + 8 * 2**20, f"{strategy}: {extra / 4e6:.1f} bytes/document beside the lengths"

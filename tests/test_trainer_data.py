@@ -1,4 +1,5 @@
-"""trainer.data: batch invariants, exact epoch coverage, rank/worker sharding, O(1) resume (StatefulDataLoader too)."""
+"""trainer.data: batch invariants, exact epoch coverage, rank/worker sharding, O(1) resume (StatefulDataLoader too),
+the manifest checks, static (filler-padded) batches and compute-balanced steps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from trainer_fixtures import one_torch_thread, random_lengths, write_packed
 
-from trainer.data import IGNORE_INDEX, PackedShards, VarlenBatch, budget_batches, make_varlen_batch
+from trainer.balance import step_imbalance, token_plan
+from trainer.data import IGNORE_INDEX, BuildInfo, PackedShards, VarlenBatch, budget_batches, make_varlen_batch
 
 SEQ = 128
 
@@ -130,12 +132,17 @@ def test_resume_mid_epoch_without_replay(shards):
     it = iter(ds)
     head = [row_tuples(next(it)) for _ in range(5)]
     state = ds.state_dict()
-    assert state["position"] == 5 and len(state) < 10  # a small dict, no row lists
+    assert state["position"] == 5 and state["version"] == 1 and state["world_size"] == 1
+    assert all(isinstance(v, (int, float, bool)) for v in state.values())  # a small dict, no row lists
     fresh = PackedShards(out, batch_tokens=2 * SEQ, seed=4)
     fresh.load_state_dict(state)
     assert head + [row_tuples(b) for b in fresh] == ref
     with pytest.raises(ValueError, match="seed"):
         PackedShards(out, batch_tokens=2 * SEQ, seed=99).load_state_dict(state)
+    with pytest.raises(ValueError, match="world_size=1, this loader has world_size=2"):
+        PackedShards(out, batch_tokens=2 * SEQ, seed=4, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        fresh.load_state_dict({**state, "version": 0})
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -168,6 +175,89 @@ def test_errors_are_user_errors(shards, tmp_path):
         PackedShards(tmp_path, batch_tokens=SEQ)
 
 
+def test_manifest_is_required_and_checked(tmp_path):
+    import json
+    import shutil
+
+    out = tmp_path / "b"
+    write_packed(out, random_lengths(60, SEQ, seed=2), SEQ, num_shards=2)
+    info = BuildInfo.read(out)
+    assert info.seq_len == SEQ and info.vocab_size == 1000 and len(info.shards) == 2
+    PackedShards(out, batch_tokens=SEQ, verify=True)  # intact: sizes and sha256 agree
+
+    bare = tmp_path / "no_manifest"
+    shutil.copytree(out, bare)
+    (bare / "packprep.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a finished packprep build"):
+        PackedShards(bare, batch_tokens=SEQ)  # state.json and shards alone are an unfinished build
+
+    shard = out / info.shards[1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit: same size, other sha256
+    shard.write_bytes(bytes(data))
+    PackedShards(out, batch_tokens=SEQ)  # the size check alone cannot see it...
+    with pytest.raises(ValueError, match="fails its sha256 check"):
+        PackedShards(out, batch_tokens=SEQ, verify=True)  # ...the sha256 check does
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(ValueError, match="truncated or replaced"):
+        PackedShards(out, batch_tokens=SEQ)
+    (out / "packprep.json").write_text(json.dumps({"seq_len": SEQ}))
+    with pytest.raises(ValueError, match="malformed"):
+        PackedShards(out, batch_tokens=SEQ)
+
+
+def test_static_batches_end_in_one_filler_document_without_loss(shards):
+    out, info = shards
+    budget = 3 * SEQ
+    plain = list(PackedShards(out, batch_tokens=budget, seed=1))
+    static = list(PackedShards(out, batch_tokens=budget, seed=1, static=True))
+    assert len(plain) == len(static) and any(b.num_tokens < budget for b in plain)
+    for p, s in zip(plain, static):
+        assert s.num_tokens == budget and s.filler == budget - p.num_tokens
+        n = p.num_tokens
+        assert torch.equal(s.input_ids[:n], p.input_ids) and torch.equal(s.labels[:n], p.labels)
+        assert (s.labels[n:] == IGNORE_INDEX).all() and (s.input_ids[n:] == 0).all()
+        if s.filler:  # exactly one more document and one more row, covering the residue
+            assert s.cu_seqlens[:-1].tolist() == p.cu_seqlens.tolist() and s.num_docs == p.num_docs + 1
+            assert s.cu_rows.tolist()[-2:] == [n, budget] and (s.position_ids[n:] == torch.arange(s.filler)).all()
+            assert s.max_seqlen == max(p.max_seqlen, s.filler)
+        assert s.num_loss_tokens() == p.num_loss_tokens()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_balanced_steps_cover_every_row_once_with_equal_cost(tmp_path, world):
+    """Heavy-tailed documents: balancing lowers each step's max/mean rank cost, keeps every row exactly once per
+    epoch within the token budget, and is deterministic and resumable."""
+    rng = np.random.default_rng(world)
+    seq = 512
+    lengths = np.minimum(rng.lognormal(4.0, 1.3, 3000).astype(int) + 2, seq)
+    out = tmp_path / "long"
+    info = write_packed(out, lengths, seq, num_shards=2, rows_per_batch=16)
+    budget = 2 * seq
+    kw = dict(batch_tokens=budget, seed=3, world_size=world, balance_alpha=64.0, balance_window=16)
+    ds = PackedShards(out, balance=True, **kw)
+    order, bounds = ds._plan(0)
+    assert sorted(order.tolist()) == list(range(ds.num_rows))  # every row exactly once
+    assert np.add.reduceat(ds.row_lengths[order], bounds[:-1]).max() <= budget and (np.diff(bounds) > 0).all()
+    base_order = np.random.default_rng([3, 0]).permutation(ds.num_rows)
+    costs = ds.row_costs()
+    before = step_imbalance(base_order, token_plan(ds.row_lengths[base_order], budget), costs, world)
+    after = step_imbalance(order, bounds, costs, world)
+    assert after.mean() < 1.02 < before.mean()
+    expected = sorted(tuple(np.concatenate([info["docs"][d] for d in r]).tolist()) for r in info["rows"])
+    per_rank = [list(PackedShards(out, balance=True, rank=r, **kw)) for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1
+    assert sorted(r for p in per_rank for b in p for r in row_tuples(b)) == expected
+    again = PackedShards(out, balance=True, rank=1, **kw)
+    it = iter(again)
+    head = [row_tuples(next(it)) for _ in range(3)]
+    resumed = PackedShards(out, balance=True, rank=1, **kw)
+    resumed.load_state_dict(again.state_dict())
+    assert head + [row_tuples(b) for b in resumed] == [row_tuples(b) for b in per_rank[1]]
+    with pytest.raises(ValueError, match="balance"):
+        PackedShards(out, rank=1, **kw).load_state_dict(again.state_dict())
+
+
 def test_pickles_without_the_corpus(shards):
     import pickle
 
@@ -179,5 +269,13 @@ def test_pickles_without_the_corpus(shards):
 
 def test_to_device_and_pin():
     b = make_varlen_batch(np.arange(1, 6), np.array([0, 2, 5]), np.ones(5), np.array([0, 5]))
-    c = b.to("cpu")
-    assert torch.equal(c.input_ids, b.input_ids) and c.max_seqlen == b.max_seqlen
+    c = b.to("cpu")  # documented: tensors already on the CPU come back as they are, neither copied nor pinned
+    assert c.input_ids is b.input_ids and c.max_seqlen == b.max_seqlen and not c.input_ids.is_pinned()
+    if not torch.cuda.is_available():
+        return
+    pinned = b.pin_memory()
+    assert all(t.is_pinned() for t in (pinned.input_ids, pinned.labels, pinned.cu_seqlens, pinned.cu_rows))
+    g = b.to("cuda")
+    torch.cuda.synchronize()
+    assert all(t.device.type == "cuda" for t in (g.input_ids, g.position_ids, g.labels, g.cu_seqlens, g.cu_rows))
+    assert torch.equal(g.input_ids.cpu(), b.input_ids) and g.max_seqlen == b.max_seqlen

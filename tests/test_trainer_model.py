@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import one_torch_thread
+from trainer_fixtures import one_torch_thread, random_lengths, write_packed
 
 from trainer import build_model, model_inputs, varlen_attention
 from trainer.data import make_varlen_batch
-from trainer.train import loss_sum, make_optimizer, train_step
+from trainer.loss import CausalLMLoss, _LinearCrossEntropy, loss_sum
+from trainer.optim import make_optimizer
+from trainer.train import train_step
 from trainer.varlen import resolve_backend
 
 
@@ -150,8 +152,6 @@ def test_chunked_loss_equals_full_logits_loss():
     """CausalLMLoss (logits only at loss positions, a few tokens per chunk, gradients computed chunk by chunk) gives
     the loss and the gradients of full logits + cross-entropy; a micro-batch without loss tokens gives 0 and touches
     every parameter."""
-    from trainer.train import CausalLMLoss
-
     rng = np.random.default_rng(3)
     b, _, _ = packed_example(rng, docs=5)
     labels = b.labels.clone()
@@ -185,8 +185,6 @@ def test_chunked_loss_equals_full_logits_loss():
 def test_linear_cross_entropy_function_against_autograd(bias):
     """The fused head + cross-entropy (gradients computed in the forward pass) against F.linear + F.cross_entropy
     and autograd: loss, dh, dW, db; chunks of 3 rows; a frozen weight gets no gradient."""
-    from trainer.train import _LinearCrossEntropy
-
     g = torch.Generator().manual_seed(0)
     h = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -211,6 +209,38 @@ def test_build_model_errors(tmp_path):
         build_model("tiny", "xformers")
     with pytest.raises(ValueError, match="cannot load model"):
         build_model(str(tmp_path / "no-such-model"))
+
+
+def test_build_model_reads_the_manifest(tmp_path):
+    """Presets take the build tokenizer's vocabulary (not a default, not the largest id met); a pretrained model
+    with fewer embeddings than the tokenizer's vocabulary, or another tokenizer in its folder, is refused."""
+    import shutil
+
+    from packprep.tokenize import BUILTIN, tokenizer_sha256
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model import preset_config
+
+    builtin = tokenizer_sha256(BUILTIN)
+    out = tmp_path / "build"
+    write_packed(out, random_lengths(40, 64), 64, vocab=1500, tokenizer_sha256=builtin)
+    assert build_model("tiny", "sdpa", shards=out).get_input_embeddings().weight.shape[0] == 1536  # 1500 -> x64
+
+    def save(vocab, name, tokenizer=None):
+        folder = tmp_path / name
+        AutoModelForCausalLM.from_config(preset_config("tiny", vocab)).save_pretrained(folder)
+        if tokenizer:
+            shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
+        return str(folder)
+
+    assert build_model(save(1600, "fits", BUILTIN), "sdpa", shards=out).config.vocab_size == 1600
+    with pytest.raises(ValueError, match="has 1024 embeddings but the shards' tokenizer .* has 1500 tokens"):
+        build_model(save(1024, "small_vocab"), "sdpa", shards=out)
+    other = tmp_path / "other_tok"
+    shutil.copytree(BUILTIN, other)
+    (other / "tokenizer_config.json").write_text('{"model_max_length": 7}')
+    with pytest.raises(ValueError, match="holds a tokenizer .* other than the one that built the shards"):
+        build_model(save(1600, "other", other), "sdpa", shards=out)
 
 
 @pytest.mark.parametrize("style", ["window_size", "is_causal", "enable_gqa"])
@@ -267,3 +297,49 @@ def test_sliding_window_models_are_exact_or_refused(tmp_path, window):
         packed = model(**model_inputs(batch)).logits[0]
         per_doc = torch.cat([ref(input_ids=torch.tensor(tokens[a:b])[None]).logits[0] for a, b in zip(cu[:-1], cu[1:])])
     assert rel(packed, per_doc) < 1e-4
+
+
+def test_fa4_custom_op_plumbing(monkeypatch):
+    """The fa4 backend's custom ops (forward, backward, autograd wiring, CPU-scalar max_seqlen) on the CPU, with
+    FlashAttention-4's two entry points replaced by the per-document reference (the real kernels: test_trainer_gpu)."""
+    import trainer.varlen as varlen
+
+    calls = []
+
+    def fwd(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, return_lse):
+        calls.append(("fwd", max_seqlen_q, q.shape[1] // k.shape[1]))
+        assert isinstance(max_seqlen_q, int) and return_lse
+        out = varlen.sdpa_reference(q, k, v, cu_seqlens_q, causal, softmax_scale)
+        return out, torch.zeros(q.shape[1], q.shape[0]), None, None, None
+
+    def bwd(q, k, v, out, dout, lse, scale, causal, softcap, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k):
+        calls.append(("bwd", max_seqlen_q, softcap))
+        groups = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):  # softmax attention's gradients
+            qd = q[a:b].transpose(0, 1)
+            kd, vd = (x[a:b].transpose(0, 1).repeat_interleave(groups, 0) for x in (k, v))
+            p = (qd @ kd.transpose(1, 2) * scale).masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1),
+                                                              float("-inf")).softmax(-1)
+            do = dout[a:b].transpose(0, 1)
+            dp = do @ vd.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+            dq[a:b] = (ds @ kd).transpose(0, 1)
+            dk[a:b] = (ds.transpose(1, 2) @ qd).unflatten(0, (-1, groups)).sum(1).transpose(0, 1)
+            dv[a:b] = (p.transpose(1, 2) @ do).unflatten(0, (-1, groups)).sum(1).transpose(0, 1)
+        return dq, dk, dv
+
+    monkeypatch.setattr(varlen, "_fa4", lambda: (fwd, bwd))
+    monkeypatch.setattr(varlen, "resolve_backend", lambda backend, device, dtype: backend)  # fa4 needs a GPU
+    rng = np.random.default_rng(5)
+    cu, mx = random_cu(rng, 5, 20)
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, h, 8, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    out = varlen.varlen_attention(q, k, v, cu, torch.tensor(mx, dtype=torch.int32), backend="fa4")
+    ref = reference_attention(q, k, v, cu, causal=True)
+    assert rel(out, ref) < 1e-10
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel(a, b) < 1e-10
+    assert calls == [("fwd", mx, 2), ("bwd", mx, 0.0)]  # native GQA: k/v reach the kernel with 2 heads, not 4

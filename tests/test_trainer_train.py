@@ -1,4 +1,5 @@
-"""trainer.train + `packprep train`: CLI smoke, exact resume, 2-process torchrun (gloo) == 1 process."""
+"""trainer.train + `packprep train`: the loss goes down, exact resume, safe checkpoints, CLI smoke, 2-process torchrun
+(gloo) == 1 process."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("train_shards")
-    write_packed(out, random_lengths(160, SEQ, seed=3), SEQ, vocab=300, num_shards=2)
+    write_packed(out, random_lengths(160, SEQ, seed=3), SEQ, vocab=300, num_shards=2, token_high=9)
     return out
 
 
@@ -43,11 +44,70 @@ def losses(metrics) -> list[float]:
 def test_loss_goes_down_and_resume_is_exact(shards, tmp_path):
     full = train(cfg(shards, steps=8), echo=lambda *a: None)
     assert len(full) == 8 and all(np.isfinite(losses(full)))
+    assert np.mean(losses(full)[-2:]) < losses(full)[0] - 0.3  # it learns: 8 token ids of a 320-token vocabulary
     first = train(cfg(shards, steps=8, stop_at=4, ckpt=str(tmp_path)), echo=lambda *a: None)
     assert losses(first) == losses(full)[:4]
     rest = train(cfg(shards, steps=8, ckpt=str(tmp_path), resume=True), echo=lambda *a: None)
     assert [m["step"] for m in rest] == [5, 6, 7, 8]
     assert losses(rest) == losses(full)[4:]  # same batches, same fp32 CPU arithmetic: identical losses
+
+
+def test_checkpoint_refuses_hostile_truncated_and_foreign_files(shards, tmp_path):
+    """A checkpoint is loaded with weights_only=True: a planted pickle that would run code is refused and nothing
+    runs; truncated, foreign and mismatched files are refused with one line each."""
+    import pickle
+
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    train(cfg(shards, steps=2, ckpt=str(ckpt)), echo=lambda *a: None)
+    good = (ckpt / "last.pt").read_bytes()
+    resume = cfg(shards, steps=4, ckpt=str(ckpt), resume=True)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # would create a file when unpickled
+
+    torch.save({"format": "packprep-trainer-checkpoint", "version": 1, "evil": Payload()}, ckpt / "last.pt")
+    with pytest.raises(ValueError, match="refused: it holds objects other than tensors") as e:
+        train(resume, echo=lambda *a: None)
+    assert not marker.exists() and "\n" not in str(e.value)
+    with open(ckpt / "last.pt", "wb") as f:
+        pickle.dump(Payload(), f)  # a bare pickle, not a torch zip file
+    with pytest.raises(ValueError, match="refused|not a readable checkpoint"):
+        train(resume, echo=lambda *a: None)
+    assert not marker.exists()
+    (ckpt / "last.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train(resume, echo=lambda *a: None)
+    torch.save({"model": {}, "step": 3}, ckpt / "last.pt")  # someone else's checkpoint
+    with pytest.raises(ValueError, match="not a packprep train checkpoint"):
+        train(resume, echo=lambda *a: None)
+    state = torch.load(_write(ckpt, good), weights_only=True)
+    torch.save({**state, "version": 99}, ckpt / "last.pt")
+    with pytest.raises(ValueError, match="checkpoint version 99"):
+        train(resume, echo=lambda *a: None)
+    torch.save({**state, "world_size": 2, "loader": state["loader"] * 2}, ckpt / "last.pt")
+    with pytest.raises(ValueError, match="written by 2 rank"):
+        train(resume, echo=lambda *a: None)
+    _write(ckpt, good)
+    assert [m["step"] for m in train(resume, echo=lambda *a: None)] == [3, 4]
+
+
+def _write(folder, data: bytes):
+    (folder / "last.pt").write_bytes(data)
+    return folder / "last.pt"
+
+
+def test_balance_reports_the_imbalance_it_removes(shards):
+    from trainer.data import PackedShards
+    from trainer.train import _imbalance_line
+
+    ds = PackedShards(shards, 2 * SEQ, world_size=2, balance=True, balance_alpha=8.0, balance_window=8)
+    line = _imbalance_line(ds)
+    before, after = (float(x) for x in line.split("per step ")[1].split(" balanced")[0].split(" dealt by tokens -> "))
+    assert after < before and after < 1.05, line
 
 
 def test_epochs_roll_over(shards):

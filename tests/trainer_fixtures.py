@@ -1,12 +1,14 @@
-"""Synthetic packprep output folders for the trainer tests (random tokens, random document lengths, first-fit rows)."""
+"""Synthetic packprep output folders for the trainer tests (random tokens, random document lengths, first-fit rows,
+a packprep.json manifest with what the trainer reads: seq_len, tokenizer, shard sizes and sha256)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from packprep.shards import make_batch, shard_name, write_hf_metadata, write_shard
+from packprep.shards import MANIFEST, make_batch, shard_name, write_hf_metadata, write_shard
 
 
 def first_fit_rows(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
@@ -27,17 +29,19 @@ def first_fit_rows(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
 
 def write_packed(out: str | Path, lengths: np.ndarray, seq_len: int, *, vocab: int = 1000, seed: int = 0,
                  num_shards: int = 2, rows_per_batch: int = 7, prompt_frac: float = 0.3,
-                 rows: list[list[int]] | None = None) -> dict:
+                 rows: list[list[int]] | None = None, tokenizer_sha256: str | None = None,
+                 token_high: int | None = None) -> dict:
     """Write a shard folder holding the documents of `lengths` (random tokens) packed into rows of <= seq_len.
 
-    Each document gets a random prompt prefix with loss_mask 0 (up to prompt_frac of it). Returns the documents'
-    tokens and masks (lists by document index) and the rows, for the tests to compare against.
+    Tokens are drawn from [1, token_high) (default: the whole vocabulary; a few ids make a corpus a model can
+    learn quickly). Each document gets a random prompt prefix with loss_mask 0 (up to prompt_frac of it). Returns
+    the documents' tokens and masks (lists by document index) and the rows, for the tests to compare against.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, dtype=np.int64)
-    docs = [rng.integers(1, vocab, n).astype(np.int32) for n in lengths.tolist()]
+    docs = [rng.integers(1, token_high or vocab, n).astype(np.int32) for n in lengths.tolist()]
     masks = []
     for n in lengths.tolist():
         m = np.ones(n, dtype=np.uint8)
@@ -45,7 +49,7 @@ def write_packed(out: str | Path, lengths: np.ndarray, seq_len: int, *, vocab: i
         masks.append(m)
     rows = rows if rows is not None else first_fit_rows(lengths, seq_len)
     per_shard = np.array_split(np.arange(len(rows)), num_shards)
-    names = []
+    names, infos = [], []
     for s, row_ids in enumerate(per_shard):
         batches = []
         for start in range(0, len(row_ids), rows_per_batch):
@@ -58,9 +62,12 @@ def write_packed(out: str | Path, lengths: np.ndarray, seq_len: int, *, vocab: i
                                       np.concatenate([[0], np.cumsum([len(r) for r in chunk])]),
                                       np.asarray(pieces), mask))
         name = shard_name(s, num_shards)
-        write_shard(out / name, batches, fsync=False)
+        infos.append(write_shard(out / name, batches, fsync=False))
         names.append(name)
     write_hf_metadata(out, names, fingerprint="test" * 4)
+    manifest = {"format_version": 1, "seq_len": seq_len, "shards": infos,
+                "tokenizer": {"name": "synthetic", "sha256": tokenizer_sha256, "vocab_size": vocab, "eos_id": 0}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
     return {"docs": docs, "masks": masks, "rows": rows, "lengths": lengths}
 
 

@@ -1,6 +1,6 @@
 """Hugging Face causal LMs that run packed batches through `varlen_attention`.
 
-packprep registers attention functions `packprep_<backend>` (auto, flash_attn, torch, sdpa) with transformers'
+packprep registers attention functions `packprep_<backend>` (auto, fa4, flash_attn, torch, sdpa) with transformers'
 `AttentionInterface`, so any model whose attention layers dispatch through it (Llama, Qwen2/3, Mistral, ...)
 trains on flat packed batches (a sliding window longer than every document is exact; a shorter one, or logit
 softcapping as in Gemma 2, is refused with a clear error rather than silently ignored).
@@ -10,7 +10,11 @@ attention (SDPA). No mask function is registered for these names, so transformer
 host sync) for packed batches; a 2-D padding mask is therefore not applied: right-padded rows are still exact for
 training (causal attention never looks right, and padded labels are -100).
 
-Costs: building `tiny` takes milliseconds; `small` (~300M parameters) allocates ~1.3 GB of fp32 weights.
+`build_model(spec, shards=...)` reads the build's manifest: presets get the build tokenizer's vocabulary (rounded
+up to a multiple of 64), and a pretrained model whose embeddings are fewer than the tokenizer's vocabulary, or whose
+folder holds a tokenizer other than the build's (by the same sha256 the build records), is refused before training.
+
+Costs: building `tiny` takes milliseconds; `small` (~300M parameters) allocates ~1.3 GB of fp32 weights, `1b` ~4.5 GB.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.data import VarlenBatch
+from trainer.data import BuildInfo, PackedShards, VarlenBatch
 from trainer.varlen import BACKENDS, varlen_attention
 
 # name -> (hidden, layers, heads, kv heads, intermediate); Llama-style, random weights, no download.
 PRESETS = {
     "tiny": (64, 2, 4, 2, 128),
     "small": (1024, 24, 16, 8, 2816),  # ~300M parameters with a 32k vocabulary: the GPU benchmark's model
+    "1b": (2048, 16, 32, 8, 8192),  # Llama-3.2-1B's shape: ~1.0B parameters without the embeddings
 }
 
 
@@ -42,8 +47,8 @@ def _attention_forward(backend: str):
             raise ValueError(f"packed batches are flat: input_ids must be [1, T], got batch size {query.shape[0]}")
         if dropout and module.training:
             raise ValueError("attention dropout is not supported with packed batches; set attention_dropout=0")
-        window, max_len = kwargs.get("sliding_window"), int(kwargs["max_length_q"])
-        if window is not None and max_len > window:  # a window shorter than every document changes nothing
+        window, max_len = kwargs.get("sliding_window"), kwargs["max_length_q"]  # max_len: an int or a CPU scalar
+        if window is not None and int(max_len) > window:  # a window shorter than every document changes nothing
             raise ValueError(f"this model uses sliding-window attention (window {window}) and a document of "
                              f"{max_len} tokens exceeds it; packprep's varlen attention has no window: build the "
                              f"shards with --seq-len <= {window} or disable the window in the model config")
@@ -85,19 +90,27 @@ def preset_config(name: str, vocab_size: int = 32000, max_position_embeddings: i
 
 
 def build_model(spec: str, attn_backend: str = "auto", vocab_size: int | None = None,
-                dtype: torch.dtype = torch.float32):
+                dtype: torch.dtype = torch.float32, shards: PackedShards | BuildInfo | str | Path | None = None):
     """A Hugging Face causal LM whose attention is packprep's varlen attention.
 
-    spec: 'tiny' / 'small' (Llama-style, random weights, vocab_size defaults to 32000), a local model folder, or a
-    hub name (needs the network). attn_backend: one of auto, flash_attn, torch, sdpa (see trainer.varlen).
+    spec: 'tiny' / 'small' / '1b' (Llama-style, random weights), a local model folder, or a hub name (needs the
+    network). attn_backend: one of auto, fa4, flash_attn, torch, sdpa (see trainer.varlen). shards: the build to
+    train on (a folder, its PackedShards or BuildInfo): sizes a preset's vocabulary from the build's tokenizer and
+    refuses a pretrained model that does not fit it. Without shards, a preset has vocab_size (default 32000).
     """
     if attn_backend not in BACKENDS:
         raise ValueError(f"attention backend {attn_backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    info = (shards.info if isinstance(shards, PackedShards) else shards if isinstance(shards, BuildInfo) else
+            BuildInfo.read(shards) if shards is not None else None)
+    if info is not None and spec not in PRESETS:
+        check_tokenizer(spec, info)
     from transformers import AutoModelForCausalLM
 
     register_attention()
     impl = f"packprep_{attn_backend}"
     if spec in PRESETS:
+        if vocab_size is None and info is not None:
+            vocab_size = -(-info.vocab_size // 64) * 64  # the build tokenizer's, rounded up to a multiple of 64
         config = preset_config(spec, vocab_size or 32000)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
     else:
@@ -109,18 +122,45 @@ def build_model(spec: str, attn_backend: str = "auto", vocab_size: int | None = 
             where = "local folder" if Path(spec).exists() else "hub name (offline?)"
             raise ValueError(f"cannot load model {spec!r} as a {where}: {e}; or use --model tiny|small") from None
     model.config.use_cache = False
+    if info is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if rows < info.vocab_size:
+            raise ValueError(f"model {spec!r} has {rows} embeddings but the shards' tokenizer ({info.tokenizer}) has "
+                             f"{info.vocab_size} tokens; train with the model whose tokenizer built the shards")
     return model
 
 
-def model_inputs(batch: VarlenBatch) -> dict:
-    """Keyword arguments for `model(**...)`: flat [1, T] inputs plus the document boundaries for the attention."""
+def check_tokenizer(spec: str, info: BuildInfo) -> None:
+    """Refuse a local model folder whose tokenizer differs from the one that built the shards (same sha256 as the
+    build records); a hub name or a folder without tokenizer.json is not checked here (its vocabulary still is)."""
+    folder = Path(spec)
+    if not (folder / "tokenizer.json").is_file() or info.tokenizer_sha256 is None:
+        return
+    from packprep.tokenize import tokenizer_sha256
+
+    digest = tokenizer_sha256(folder)
+    if digest != info.tokenizer_sha256:
+        raise ValueError(f"model folder {spec} holds a tokenizer (sha256 {digest[:12]}...) other than the one that "
+                         f"built the shards ({info.tokenizer}, {info.tokenizer_sha256[:12]}...); train with the "
+                         "matching model or rebuild the shards with its tokenizer")
+
+
+def model_inputs(batch: VarlenBatch, compiled: bool = False) -> dict:
+    """Keyword arguments for `model(**...)`: flat [1, T] inputs plus the document boundaries for the attention.
+
+    compiled: for a torch.compile'd model over static batches: the number of documents is marked dynamic and the
+    longest length travels as a CPU scalar tensor, so neither causes a recompile (the fa4 backend reads both).
+    """
+    max_len = torch.tensor(batch.max_seqlen, dtype=torch.int32) if compiled else batch.max_seqlen
+    if compiled:
+        torch._dynamo.mark_dynamic(batch.cu_seqlens, 0)
     return {
         "input_ids": batch.input_ids.unsqueeze(0),
         "position_ids": batch.position_ids.unsqueeze(0),
         "cu_seq_lens_q": batch.cu_seqlens,
         "cu_seq_lens_k": batch.cu_seqlens,
-        "max_length_q": batch.max_seqlen,
-        "max_length_k": batch.max_seqlen,
+        "max_length_q": max_len,
+        "max_length_k": max_len,
         "use_cache": False,
     }
 

@@ -1,0 +1,97 @@
+"""Two versions of packprep on the same corpus, in one run: build wall time (interleaved rounds) and shard sha256.
+
+Used for "byte-identical and no slower" checks across a change (issue 9: before/after the redesign) and for "how much
+faster than the build we had" (issue 10). Each version is a source tree (a git worktree of a commit) run with
+PYTHONPATH=TREE; the raw HF tokenizer program of bench_build.py runs in the same rounds as the baseline a user would
+compare against.
+
+usage: git worktree add --detach /tmp/v0 71937d8
+       python benchmarks/bench_versions.py --version before=/tmp/v0 --version after=. [--scale 10] [--rounds 2]
+           [--extra-after "--tokenizer-backend tiktoken"] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_build as bb  # noqa: E402  (corpus, tokenizer and the measuring probe live there)
+
+
+def build(tree: Path, corpus: Path, out: Path, workers: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "packprep.cli", "build", str(corpus), "--tokenizer", str(bb.TOKENIZER), "--seq-len",
+           str(bb.SEQ_LEN), "--out", str(out), "--workers", str(workers), "--overwrite", "-q", *extra]
+    subprocess.run(["rm", "-rf", str(out)])
+    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    probe = subprocess.run([sys.executable, "-c", "import packprep; print(packprep.__file__)"], env=env,
+                           capture_output=True, text=True, cwd="/").stdout.strip()
+    assert probe.startswith(str(tree.resolve())), f"PYTHONPATH={tree} imports packprep from {probe}"
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree.resolve())
+    try:
+        res = bb.measure(cmd)
+    finally:
+        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+    manifest = json.loads((out / "packprep.json").read_text())
+    res["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("data-*.arrow"))}
+    res["tokens"] = manifest["counts"]["tokens"]
+    res["timings"] = manifest.get("timings")
+    res.pop("out"), res.pop("err")
+    subprocess.run(["rm", "-rf", str(out)])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--version", action="append", required=True, help="NAME=TREE (a source tree with packprep/)")
+    ap.add_argument("--scale", type=int, default=1, help="corpus size in multiples of 13.4M tokens")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--no-raw", action="store_true", help="skip the raw HF tokenizer program")
+    for name in ("before", "after"):
+        ap.add_argument(f"--extra-{name}", default="", help=f"extra build flags for the version named {name}")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    versions = dict(v.split("=", 1) for v in a.version)
+    corpus = bb.make_corpus(a.scale)
+    if not (bb.TOKENIZER / "tokenizer.json").exists():
+        subprocess.run([sys.executable, str(bb.ROOT / "benchmarks" / "make_qwen_tokenizer.py")], check=True)
+    print(f"uptime: {bb.uptime()}\ncorpus {corpus.name} ({corpus.stat().st_size / 1e6:.0f} MB), workers {a.workers}")
+    runs: dict[str, list] = {name: [] for name in versions}
+    runs["raw-hf-tokenizer"] = []
+    for rnd in range(a.rounds):
+        for name, tree in versions.items():
+            extra = shlex.split(getattr(a, f"extra_{name}", "") or "")
+            r = build(Path(tree), corpus, bb.CACHE / f"out_versions_{name}", a.workers, extra)
+            runs[name].append(r)
+            print(f"  round {rnd} {name:>8}: wall {r['wall']:7.2f}s  peak RSS {r['rss_mb']:5.0f} MB  "
+                  f"tokens {r['tokens']:,}  {r['timings']}", flush=True)
+        if not a.no_raw:
+            x = bb.raw_tokenizer(corpus, a.workers, ("processes",))["processes"]
+            runs["raw-hf-tokenizer"].append(x)
+            print(f"  round {rnd} raw HF tokenizer program ({a.workers} processes): wall {x['wall']:.2f}s "
+                  f"(encode {x['seconds']:.2f}s, {x['tokens']:,} tokens)", flush=True)
+    print("summary (best wall of the rounds):")
+    best = {n: min(r["wall"] for r in rs) for n, rs in runs.items() if rs}
+    for n, w in best.items():
+        print(f"  {n:>16}: {w:7.2f}s")
+    names = list(versions)
+    for n in names[1:]:
+        print(f"  {names[0]} / {n}: {best[names[0]] / best[n]:.2f}x")
+        same = runs[n][0]["sha256"] == runs[names[0]][0]["sha256"]
+        print(f"  shards {n} vs {names[0]}: {'IDENTICAL' if same else 'DIFFERENT'}")
+    for n in names:
+        print(f"  sha256 {n}: {runs[n][0]['sha256']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"uptime": bb.uptime(), "corpus": str(corpus), "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
