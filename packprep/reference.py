@@ -121,7 +121,9 @@ class Reference:
                     break
             upto = _render(tok, messages[: i + 1], False) or ""
             end = next((k for k, (a, b) in enumerate(zip(upto, text)) if a != b), min(len(upto), len(text)))
-            content = m.get("content") if isinstance(m.get("content"), str) else ""
+            content = m.get("content")
+            if not isinstance(content, str):
+                raise ValueError(f"assistant message {i} has no text content to locate (no generation markers)")
             pos = next((p for c in (content, content.strip()) for p in [text.find(c, start, end)] if p >= 0), -1)
             if pos < 0:
                 raise ValueError(f"assistant message {i}: its content is not in the rendered turn")
@@ -167,8 +169,7 @@ def check_build(out: str | Path, n: int, seed: int = 0, tokenizer: str | None = 
     cfg = m["config"]
     pieces = _shard_pieces(out)
     docs = np.unique(pieces["doc"])
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(docs, min(n, len(docs)), replace=False)) if n < len(docs) else docs
+    sample = np.sort(np.random.default_rng(seed).choice(docs, n, replace=False)) if n < len(docs) else docs
     checks = []
     name = tokenizer or cfg["tokenizer"]
     folder = _tokenizer_folder(name)
@@ -184,11 +185,10 @@ def check_build(out: str | Path, n: int, seed: int = 0, tokenizer: str | None = 
     bad = {"tokens": 0, "loss_mask": 0, "labels": 0}
     n_tokens = 0
     present = [d for d in sample.tolist() if d in records]
-    for d in sample.tolist():
-        if d not in records:
-            bad["tokens"] += 1
-            first.setdefault("tokens", f"doc {d}: no such record in the inputs (rejected, or past the end), yet the "
-                                       "build packed it")
+    if len(present) < len(sample):
+        bad["tokens"] += len(sample) - len(present)
+        first["tokens"] = (f"doc {next(d for d in sample.tolist() if d not in records)}: no such record in the "
+                           "inputs (rejected, or past the end), yet the build packed it")
     for d, got in zip(present, ref.encode_all([records[d][:2] for d in present])):
         if isinstance(got, ValueError):
             bad["tokens"] += 1
@@ -200,10 +200,7 @@ def check_build(out: str | Path, n: int, seed: int = 0, tokenizer: str | None = 
                                      m["seq_len"]).items():
             bad[key] += 1
             first.setdefault(key, problem)
-    has_labels = pieces["labels"]
-    for key in ("tokens", "loss_mask", "labels"):
-        if key == "labels" and not has_labels:
-            continue
+    for key in ("tokens", "loss_mask", "labels")[: 3 if pieces["labels"] else 2]:
         checks.append((f"{key} vs reference ({len(sample)} sampled documents, seed {seed})", not bad[key],
                        f"{bad[key]} of {len(sample)} documents differ; first: {first[key]}" if bad[key] else
                        f"{len(sample)} documents, {n_tokens} tokens equal"))
@@ -225,8 +222,8 @@ def _compare(ref: Reference, doc: str, ids, mask, found: list, long_docs: str, s
     problems: dict[str, str] = {}
     free = list(expected)
     for f_ids, f_mask, f_labels in found:  # split pieces lie in any rows: match each to its expected slice
-        at, e_ids, e_mask = max(free, key=lambda e: (len(e[1]) == len(f_ids), _common(e[1], f_ids)))
-        free.remove((at, e_ids, e_mask))
+        at, e_ids, e_mask = free.pop(max(range(len(free)), key=lambda i: (len(free[i][1]) == len(f_ids),
+                                                                          _common(free[i][1], f_ids))))
         where = doc + (f" (piece at token {at})" if len(expected) > 1 else "")
         k = _common(e_ids, f_ids)
         if k < max(len(e_ids), len(f_ids)):
@@ -257,43 +254,43 @@ def _common(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _shard_pieces(out: Path) -> dict:
-    """Every piece of every shard: {"doc": doc id per piece, "by_doc": doc -> [(ids, mask, labels or None)]}.
-    Pieces are sliced lazily from the memory-mapped columns; by_doc is a dict of lists built on first access."""
+    """Every piece of every shard: {"doc": doc id per piece, "labels": whether the shards have labels, "by_doc":
+    doc -> [(ids, mask, labels or None) per piece]}, sliced from the memory-mapped record batches (no copy)."""
     from packprep.shards import open_shard, shard_files
 
-    docs, where, tables = [], [], []
-    for s, path in enumerate(shard_files(out)):
-        table = open_shard(path).combine_chunks()
-        tables.append(table)
-        ids, offs = table.column("input_ids").chunk(0), table.column("doc_offsets").chunk(0)
-        o_ids, o_docs, v = ids.offsets.to_numpy(), offs.offsets.to_numpy(), offs.values.to_numpy()
-        n_pieces = np.diff(o_docs) - 1
-        row = np.repeat(np.arange(len(n_pieces)), n_pieces)
-        starts = np.delete(v, o_docs[1:] - 1) + o_ids[row]  # each row's offsets without its last entry
-        ends = np.delete(v, o_docs[:-1]) + o_ids[row]  # ... without its first entry
-        docs.append(table.column("doc_ids").chunk(0).values.to_numpy())
-        where.append(np.stack([np.full(len(row), s), starts, ends], axis=1))
+    docs, where, batches = [], [], []
+    for path in shard_files(out):
+        for batch in open_shard(path).to_batches():
+            ids, offs = batch.column("input_ids"), batch.column("doc_offsets")
+            o_ids, o_docs, v = ids.offsets.to_numpy(), offs.offsets.to_numpy(), offs.values.to_numpy()
+            n_pieces = np.diff(o_docs) - 1
+            row = np.repeat(np.arange(len(n_pieces)), n_pieces)
+            starts = np.delete(v, o_docs[1:] - 1) + o_ids[row]  # each row's offsets without its last entry
+            ends = np.delete(v, o_docs[:-1]) + o_ids[row]  # ... without its first entry
+            docs.append(batch.column("doc_ids").values.to_numpy())
+            where.append(np.stack([np.full(len(row), len(batches)), starts, ends], axis=1))
+            batches.append(batch)
     doc = np.concatenate(docs) if docs else np.zeros(0, np.int64)
-    where = np.concatenate(where) if where else np.zeros((0, 3), np.int64)
-    labels = bool(tables) and "labels" in tables[0].column_names
-    return {"doc": doc, "labels": labels, "by_doc": _PiecesByDoc(doc, where, tables, labels)}
+    labels = bool(batches) and "labels" in batches[0].schema.names
+    return {"doc": doc, "labels": labels, "by_doc": _PiecesByDoc(doc, np.concatenate(where or [np.zeros((0, 3))]),
+                                                                 batches, labels)}
 
 
 class _PiecesByDoc:
     """doc id -> [(ids, mask, labels or None) per piece, in shard order], from the flat piece index."""
 
-    def __init__(self, doc, where, tables, labels):
+    def __init__(self, doc, where, batches, labels):
         self.order = np.argsort(doc, kind="stable")
         self.sorted = doc[self.order]
-        self.where, self.labels = where, labels
-        self.cols = [{c: t.column(c).chunk(0).values.to_numpy()
-                      for c in ("input_ids", "loss_mask", *(("labels",) if labels else ()))} for t in tables]
+        self.where, self.labels = where.astype(np.int64), labels
+        self.cols = [{c: b.column(c).values.to_numpy() for c in ("input_ids", "loss_mask", "labels")[: 2 + labels]}
+                     for b in batches]
 
     def __getitem__(self, d: int) -> list:
         a, b = np.searchsorted(self.sorted, [d, d + 1])
         out = []
-        for s, start, end in self.where[self.order[a:b]].tolist():
-            c = self.cols[s]
+        for k, start, end in self.where[self.order[a:b]].tolist():
+            c = self.cols[k]
             out.append((c["input_ids"][start:end], c["loss_mask"][start:end],
                         c["labels"][start:end] if self.labels else None))
         return out
@@ -312,7 +309,7 @@ def read_records(manifest: dict, wanted: np.ndarray) -> dict[int, tuple[str, obj
     """doc id -> (kind, value, where): ("text", str) | ("pc", (prompt, completion)) | ("chat", messages) and
     "file record k", read again from the inputs the manifest records; raises ValueError when an input is gone or
     changed since the build."""
-    from packprep.inputs import DEFAULT_CORPUS, plan_tasks, stdlib_corpus
+    from packprep.inputs import DEFAULT_CORPUS, fingerprint, plan_tasks, stdlib_corpus
 
     cfg, files = manifest["config"], manifest["inputs"]["files"]
     recorded = {f[0]: f[1:] for s in manifest["inputs"]["specs"] for f in s.get("files", ())}
@@ -328,6 +325,9 @@ def read_records(manifest: dict, wanted: np.ndarray) -> dict[int, tuple[str, obj
                 continue
             path = Path(f["path"])
             if not path.is_file() and [s["input"] for s in manifest["inputs"]["specs"]] == [DEFAULT_CORPUS]:
+                if manifest["inputs"]["specs"][0] != fingerprint(DEFAULT_CORPUS):
+                    raise ValueError("the build read another Python's standard library (the default corpus); "
+                                     "verify --tokens under the Python that built it")
                 path = stdlib_corpus(Path(tmp) / path.name)  # the default corpus lived in the work folder
             elif not path.is_file():
                 raise ValueError(f"input {path} is gone: verify --tokens reads the build's inputs again")
