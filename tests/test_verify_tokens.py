@@ -274,3 +274,41 @@ def test_labels_checked(text_build, tmp_path, corrupt):
     assert "labels != input_ids where loss_mask" in failed[0]
     assert failed[1].startswith("labels vs reference") and f"doc {doc} (text.jsonl record {doc}), token 1 (" in \
         failed[1] and "found -100" in failed[1]
+
+
+# ------------------------------------------------------------------------------------------------- doc ids -> records
+
+
+def test_doc_ids_map_to_records_across_files_and_rejects(tmp_path):
+    """Several files of several kinds, with bad records set aside (--on-error skip): a doc_id is the record's
+    position across the files, rejects included, so an off-by-one anywhere would show as differing tokens."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = [json.dumps({"text": t}) for t in texts(20, 21)]
+    lines[3], lines[11] = "{not json", json.dumps({"text": 5})
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": texts(25, 22)}), folder / "b.parquet", row_group_size=6)
+    (folder / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(15, 23)))
+    out = tmp_path / "out"
+    build(BuildConfig(inputs=(str(folder / "a.jsonl"), str(folder / "b.parquet"), str(folder / "c.jsonl")),
+                      out=str(out), seq_len=64, workers=1, on_error="skip", chunk_bytes=300))
+    counts = json.loads((out / "packprep.json").read_text())["counts"]
+    assert counts["rejected"] == 2 and counts["input_docs"] == 60
+    report = verify(out, tokens=N)
+    assert report.ok, report.failures
+
+
+def test_unlocatable_turn_is_refused(tmp_path):
+    """A template without markers whose turns end in no special token: the reference refuses, it never guesses."""
+    folder = tmp_path / "tok"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "packprep" / "assets" / "tokenizer", folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref = Reference(folder)
+    with pytest.raises(ValueError, match="end-of-turn marker"):
+        ref.encode(("chat", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]))
+    assert ref.encode(("chat", [{"role": "user", "content": "hi"}]))[1].sum() == 0  # no assistant: no loss
