@@ -340,7 +340,7 @@ def read_records(manifest: dict, wanted: np.ndarray) -> dict[int, tuple[str, obj
                                completion_field=cfg.get("completion_field"),
                                messages_field=cfg.get("messages_field"))
             seen = _read_file(tasks, mine - lo, out, lo, path.name)
-            if seen != f["docs"] and seen <= int(mine.max() - lo):
+            if seen <= int(mine.max() - lo):  # the file ended before the last sampled record
                 raise ValueError(f"input {path} holds {seen} records now, the build read {f['docs']}")
     return out
 
