@@ -241,6 +241,7 @@ def add_labels(out: Path, corrupt: bool = False) -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     for k, path in enumerate(shard_files(out)):
         table = open_shard(path)
+        table = table.drop_columns(["labels"]) if "labels" in table.column_names else table  # rebuilt below
         cols = table.to_pydict()
         cols["labels"] = []
         for ids, mask, offs in zip(cols["input_ids"], cols["loss_mask"], cols["doc_offsets"]):
