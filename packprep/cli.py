@@ -186,11 +186,17 @@ def inspect(
 
 @app.command()
 @user_errors
-def verify(out: str = typer.Argument("packprep_out", help="A packprep output folder.")) -> None:
+def verify(
+    out: str = typer.Argument("packprep_out", help="A packprep output folder."),
+    tokens: int = typer.Option(0, "--tokens", help="Also re-read N sampled documents from the inputs and compare "
+                               "their tokens, loss mask and labels with transformers' tokenizer (needs transformers)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --tokens sample."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer for --tokens (default: the build's)."),
+) -> None:
     """Check a build: checksums, offsets vs input_ids, rows <= seq_len, document accounting (exit 0: all hold)."""
     from packprep.verify import verify as run_verify
 
-    report = run_verify(out)
+    report = run_verify(out, tokens=tokens, seed=seed, tokenizer=tokenizer)
     for name, passed, detail in report.checks:
         console.print(f"{'[green]ok[/green]  ' if passed else '[red]FAIL[/red]'} {escape(name)}" + ("" if passed else
                       f": {escape(detail)}"), highlight=False, soft_wrap=True)

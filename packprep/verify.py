@@ -5,12 +5,15 @@ the HF metadata load_from_disk reads (state.json's keys, dataset_info.json's fea
 lists exactly the manifest's shards, and no other data-* file (a
 temp file, another build's shard) lies beside them; every shard's sha256, rows and tokens match the manifest; per
 row (vectorised over list offsets): 1 <= tokens <= seq_len, doc_offsets run 0 < ... = len(input_ids) strictly
-increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, one doc_id per piece within [0,
+increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 0/1, labels (where the shards have
+them) = input_ids where loss_mask else -100 with -100 at each piece's first token, one doc_id per piece within [0,
 input_docs); accounting: every input document is packed or counted, input docs = packed + truncated + split +
 dropped (empty, too long) + rejected, the rejected ones by reason add up and rejects.jsonl holds one line each; the
 distinct documents found in the shards = packed + truncated + split; a mixture's counts.sources (docs, distinct
 documents, tokens, loss tokens, shares) recounted from the shards (`packprep.mixture.Tally`).
 Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns (~1 GB/s).
+`verify(out, tokens=N)` (`packprep verify --tokens N`) adds `check_tokens`: N sampled documents against the
+reference tokenization of `packprep.reference` (transformers), which names the first difference.
 """
 
 from __future__ import annotations
@@ -46,16 +49,31 @@ class Report:
         return [f"{name}: {detail}" for name, passed, detail in self.checks if not passed]
 
 
-def verify(out: str | Path) -> Report:
-    """Check a build folder (a remote build, s3://..., is staged to a local cache first: `remote.stage`)."""
+def verify(out: str | Path, tokens: int = 0, seed: int = 0, tokenizer: str | None = None) -> Report:
+    """Check a build folder (a remote build, s3://..., is staged to a local cache first: `remote.stage`); with
+    `tokens` > 0, also that many sampled documents against the reference tokenization (`check_tokens`)."""
     from packprep.remote import stage
 
     out, report = stage(str(out)), Report()
     try:
-        return _verify(out, report)
+        _verify(out, report)
     except (KeyError, TypeError, AttributeError, ValueError, MemoryError) as e:  # another version's, or hand-edited
         report.add("manifest", False, f"malformed: missing or wrong-typed entry {e}")
-        return report
+    if tokens > 0 and (out / MANIFEST).is_file():
+        check_tokens(out, tokens, seed, report, tokenizer)
+    return report
+
+
+def check_tokens(out: str | Path, n: int, seed: int = 0, report: Report | None = None,
+                 tokenizer: str | None = None) -> Report:
+    """N sampled documents (seeded) re-read from the recorded inputs and tokenized by `packprep.reference`
+    (transformers): tokens, loss_mask and labels must equal the shards'; a failure names the first difference."""
+    from packprep.reference import check_build
+
+    report = report if report is not None else Report()
+    for name, passed, detail in check_build(out, n, seed, tokenizer):
+        report.add(name, passed, detail)
+    return report
 
 
 def _verify(out: Path, report: Report) -> Report:
@@ -198,7 +216,8 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray, tally: Tally | 
     tallied per source)."""
     problems = []
     for batch in table.to_batches():
-        ids, offs, lens, mask, docs = (batch.column(i) for i in range(5))
+        ids, offs, lens, mask, docs = (batch.column(c) for c in ("input_ids", "doc_offsets", "seq_lengths",
+                                                                  "loss_mask", "doc_ids"))
         o_ids = ids.offsets.to_numpy()
         o_docs = offs.offsets.to_numpy()
         row_len = np.diff(o_ids)
@@ -219,6 +238,8 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray, tally: Tally | 
             problems.append("seq_lengths != diff(doc_offsets)")
         if not np.array_equal(mask.offsets.to_numpy(), o_ids) or mask.values.to_numpy().max(initial=0) > 1:
             problems.append("loss_mask not aligned with input_ids or not 0/1")
+        if "labels" in batch.schema.names and not _labels_ok(batch.column("labels"), ids, mask, v, o_docs):
+            problems.append("labels != input_ids where loss_mask, else -100 (and -100 at every piece's first token)")
         d = docs.values.to_numpy() if tally is None else tally.add(batch)
         if not np.array_equal(docs.offsets.to_numpy(), lens.offsets.to_numpy()):
             problems.append("doc_ids not one per piece")
@@ -227,3 +248,17 @@ def _check_rows(table: pa.Table, seq_len: int, seen: np.ndarray, tally: Tally | 
         else:
             seen[d] = True
     return problems
+
+
+def _labels_ok(labels, ids, mask, doc_offsets, o_docs) -> bool:
+    """labels = input_ids where loss_mask else -100, and -100 at each piece's first token (HF's unshifted labels)."""
+    # tokens [5 6 7 | 8 9], mask [1 1 1 | 0 1] -> labels [-100 6 7 | -100 9]
+    o_ids = ids.offsets.to_numpy()
+    if not np.array_equal(labels.offsets.to_numpy(), o_ids):
+        return False
+    lo, hi = o_ids[0], o_ids[-1]
+    expected = np.where(mask.values.to_numpy()[lo:hi] != 0, ids.values.to_numpy()[lo:hi], -100)
+    row = np.repeat(np.arange(len(o_ids) - 1), np.diff(o_docs) - 1)
+    firsts = np.delete(doc_offsets[o_docs[0]:o_docs[-1]], o_docs[1:] - 1 - o_docs[0])  # each row's last entry out
+    expected[firsts + o_ids[row] - lo] = -100
+    return np.array_equal(labels.values.to_numpy()[lo:hi], expected)
