@@ -438,3 +438,37 @@ def cut_stream(lengths, doc_order, seq_len):
             used = (used + take) % seq_len
     row_offsets[num_rows] = num_pieces
     return row_offsets, doc, start, piece_length
+
+
+# ---------------------------------------------------------------------------------------------------- exports
+
+
+@numba.njit(cache=True)
+def _put_decimal(value, out, pos):
+    """ASCII decimal digits of value >= 0 into out[pos:]; returns the position after them."""
+    digits = 1
+    bound = 10
+    while value >= bound:
+        digits += 1
+        bound *= 10
+    for k in range(digits - 1, -1, -1):
+        out[pos + k] = 48 + value % 10
+        value //= 10
+    return pos + digits
+
+
+@numba.njit(cache=True)
+def boundaries_csv(lengths, out):
+    """One `start,end` line per document, documents back to back from 0, as ASCII into out (uint8, at least 42
+    bytes per document); returns the bytes written. lengths [3, 2] -> b"0,3\\n3,5\\n" (OLMo-core's .csv.gz)."""
+    pos = 0
+    start = 0
+    for i in range(lengths.size):
+        end = start + lengths[i]
+        pos = _put_decimal(start, out, pos)
+        out[pos] = 44
+        pos = _put_decimal(end, out, pos + 1)
+        out[pos] = 10
+        pos += 1
+        start = end
+    return pos

@@ -1,6 +1,6 @@
 """`export(build, to, out)`: write a finished build in another training stack's own on-disk format.
 
-One module per stack (megatron, nemo, olmo, mds, litdata), each a `Writer` with three steps: `start` (options ->
+One module per stack (megatron, nemo, olmo, mds, litdata), each with three functions: `start` (options ->
 state), `write_part` (one source shard's rows -> that stack's files), `finish` (index / metadata files). This module
 owns what they share: reading the build's shards (through `packprep.shards`, as flat numpy views of each record
 batch), the work folder that makes an export resumable, and the manifest `export.json`, written last (a folder
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from packprep.shards import MANIFEST as BUILD_MANIFEST
-from packprep.shards import atomic_file, open_shard, shard_files, write_json_atomic
+from packprep.shards import atomic_file, open_shard, shard_files
 
 FORMATS = ("megatron", "nemo", "olmo", "mds", "litdata")
 MANIFEST = "export.json"
@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class BuildInfo:
-    """What exporters need to know about the source build (from its packprep.json)."""
+    """What exporters need to know about the source build (from its packprep.json), and whether to fsync."""
 
     path: Path
     fingerprint: str
@@ -44,6 +44,7 @@ class BuildInfo:
     vocab_size: int
     eos_id: int | None
     counts: dict
+    fsync: bool = True
 
 
 @dataclass
@@ -91,6 +92,19 @@ def iter_rows(shard: Path):
         mask, _ = _flat(batch.column("loss_mask"))
         doc_lengths, row_docs = _flat(batch.column("seq_lengths"))
         yield Rows(tokens, mask, row_offsets, doc_lengths, row_docs)
+
+
+def cast_ids(tokens: np.ndarray, dtype, scratch: list) -> np.ndarray:
+    """Token ids (int32, >= 0) as `dtype`: a view for 4-byte types (the same bits), else a cast into a buffer kept
+    in `scratch` and reused across calls (no fresh pages per batch)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == tokens.dtype.itemsize:
+        return tokens.view(dtype)
+    if not scratch or len(scratch[0]) < len(tokens):
+        scratch[:] = [np.empty(len(tokens), dtype)]
+    out = scratch[0][: len(tokens)]
+    np.copyto(out, tokens, casting="unsafe")
+    return out
 
 
 def row_samples(batches):
@@ -141,15 +155,17 @@ def writer(name: str):
     return importlib.import_module(f"packprep.exports.{name}")
 
 
-def export(build: str | Path, to: str, out: str | Path, *, overwrite: bool = False,
+def export(build: str | Path, to: str, out: str | Path, *, overwrite: bool = False, fsync: bool = True,
            echo: Callable[[str], None] = lambda line: None, **options) -> dict:
     """Export the finished build at `build` to format `to` in folder `out`; returns the export manifest.
 
     `options` go to the format's writer (megatron: prefix; nemo: container="parquet"|"npy"; mds, litdata: shard /
-    chunk byte limits). Rerunning the same command resumes an interrupted export.
+    chunk byte limits). Rerunning the same command resumes an interrupted export. fsync=False skips the fsyncs:
+    atomic against a killed process, not against a power loss (benchmarks, tests).
     """
     mod = writer(to)
     info, files = read_build(build)
+    info = replace(info, fsync=fsync)
     out = Path(out)
     identity = {"format": to, "format_version": mod.VERSION, "build_fingerprint": info.fingerprint,
                 "options": options}
@@ -172,14 +188,14 @@ def export(build: str | Path, to: str, out: str | Path, *, overwrite: bool = Fal
             continue
         part = mod.write_part(index, iter_rows(shard), out, progress["state"], info)
         progress["parts"].append(part)
-        write_json_atomic(progress_path, progress)
+        write_json(progress_path, progress, info)
         echo(f"shard {index + 1}/{len(files)} exported")
     summary = mod.finish(out, progress["parts"], progress["state"], info)
     manifest = {**identity, "source": str(info.path), "seq_len": info.seq_len,
                 "counts": {"rows": int(info.counts["rows"]), "documents": int(info.counts["pieces"]),
                            "tokens": int(info.counts["tokens"]), "loss_tokens": int(info.counts["loss_tokens"])},
                 "files": summary.pop("files"), **summary}
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest, info)
     shutil.rmtree(work)
     return manifest
 
@@ -203,7 +219,12 @@ def _check_out(out: Path, identity: dict, overwrite: bool) -> dict | None:
     return None
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
+def write_json(path: Path, obj, info: BuildInfo, **dump) -> None:
+    with atomic_file(path, "w", fsync=info.fsync) as f:
+        json.dump(obj, f, **dump)
+
+
+def save_array(path: Path, array: np.ndarray, info: BuildInfo) -> None:
     """Raw array bytes to `path`, atomically (a work file of a resumable writer)."""
-    with atomic_file(path) as f:
+    with atomic_file(path, fsync=info.fsync) as f:
         f.write(memoryview(np.ascontiguousarray(array)).cast("B"))

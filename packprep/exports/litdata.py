@@ -57,7 +57,7 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
     for items in by_size((encode_item(s) for s in row_samples(batches)), state["chunk_bytes"]):
         name = f"chunk-0-{state['chunks']}.bin"
         offsets = 4 + 4 * (len(items) + 1) + np.concatenate([[0], np.cumsum([len(x) for x in items])])
-        with atomic_file(out / name) as f:
+        with atomic_file(out / name, fsync=info.fsync) as f:
             f.write(np.uint32(len(items)).tobytes() + offsets.astype(np.uint32).tobytes() + b"".join(items))
             nbytes = f.tell()
         chunks.append({"chunk_bytes": nbytes, "chunk_size": len(items), "dim": None, "filename": name})
@@ -67,7 +67,7 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
 
 def finish(out: Path, parts: list[dict], state: dict, info) -> dict:
     chunks = [c for p in parts for c in p["chunks"]]
-    with atomic_file(out / "index.json", "w") as f:
+    with atomic_file(out / "index.json", "w", fsync=info.fsync) as f:
         json.dump({"chunks": chunks, "config": config(state["chunk_bytes"]), "updated_at": str(time.time())}, f,
                   sort_keys=True)
     return {"files": [c["filename"] for c in chunks] + ["index.json"], "keys": list(KEYS)}

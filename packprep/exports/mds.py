@@ -60,7 +60,7 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
         name = f"shard.{state['shards']:05d}.mds"
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in group])]).astype(np.uint32)
         offsets += 4 + len(offsets) * 4 + len(config_data)
-        with atomic_file(out / name) as f:
+        with atomic_file(out / name, fsync=info.fsync) as f:
             f.write(np.uint32(len(group)).tobytes() + offsets.tobytes() + config_data + b"".join(group))
             nbytes = f.tell()
         entries.append({"samples": len(group), "raw_data": {"basename": name, "bytes": nbytes, "hashes": {}},
@@ -71,7 +71,7 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
 
 def finish(out: Path, parts: list[dict], state: dict, info) -> dict:
     shards = [s for p in parts for s in p["shards"]]
-    with atomic_file(out / "index.json", "w") as f:
+    with atomic_file(out / "index.json", "w", fsync=info.fsync) as f:
         json.dump({"version": 2, "shards": shards}, f, sort_keys=True)
     return {"files": [s["raw_data"]["basename"] for s in shards] + ["index.json"], "columns": COLUMNS}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packprep.exports import WORK, save_array
+from packprep.exports import WORK, cast_ids, save_array
 from packprep.shards import atomic_file, fsync_dir
 
 VERSION = 1
@@ -43,25 +43,27 @@ def start(out: Path, info, prefix: str = "packprep") -> dict:
 def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
     work = out / WORK
     files = {k: open(_partial(work, k), "r+b" if state["bytes"][k] else "wb") for k in state["keys"]}
-    lengths = []
+    lengths, scratch = [], []
     try:
         for k, f in files.items():
-            f.truncate(state["bytes"][k])  # drop what an interrupted run appended after the last recorded part
+            if f.seek(0, os.SEEK_END) > state["bytes"][k]:
+                f.truncate(state["bytes"][k])  # drop what an interrupted run appended after the last recorded part
             f.seek(state["bytes"][k])
         for rows in batches:
-            files["text"].write(memoryview(rows.tokens.astype(state["keys"]["text"], copy=False)).cast("B"))
+            files["text"].write(memoryview(cast_ids(rows.tokens, state["keys"]["text"], scratch)).cast("B"))
             if "loss_mask" in files:
                 files["loss_mask"].write(memoryview(rows.loss_mask).cast("B"))
             lengths.append(rows.doc_lengths)
         for k, f in files.items():
             f.flush()
-            os.fsync(f.fileno())
+            if info.fsync:
+                os.fsync(f.fileno())
             state["bytes"][k] = f.tell()
     finally:
         for f in files.values():
             f.close()
     lengths = np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)
-    save_array(work / f"lengths-{index:05d}.i32", lengths)
+    save_array(work / f"lengths-{index:05d}.i32", lengths, info)
     return {"documents": len(lengths), "tokens": int(lengths.sum())}
 
 
@@ -72,11 +74,12 @@ def finish(out: Path, parts: list[dict], state: dict, info) -> dict:
     for key, dtype in state["keys"].items():
         base = f"{state['prefix']}_{key}_document"
         assert state["bytes"][key] == lengths.sum(dtype=np.int64) * np.dtype(dtype).itemsize
-        with atomic_file(out / f"{base}.idx") as f:
+        with atomic_file(out / f"{base}.idx", fsync=info.fsync) as f:
             write_index(f, lengths, np.dtype(dtype))
         os.replace(_partial(work, key), out / f"{base}.bin")
         files += [f"{base}.bin", f"{base}.idx"]
-    fsync_dir(out)
+    if info.fsync:
+        fsync_dir(out)
     return {"files": files, "prefix": state["prefix"], "token_dtype": state["keys"]["text"],
             "loss_mask": "loss_mask" in state["keys"]}
 

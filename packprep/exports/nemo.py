@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from packprep.exports import WORK
-from packprep.shards import atomic_file, write_json_atomic
+from packprep.exports import WORK, write_json
+from packprep.shards import atomic_file
 
 VERSION = 1
 CONTAINERS = ("parquet", "npy")
@@ -70,11 +70,11 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
     table = pa.concat_tables(tables) if tables else None
     if state["container"] == "parquet":
         name = f"packed-{index:05d}.idx.parquet"
-        with atomic_file(out / name) as f:
+        with atomic_file(out / name, fsync=info.fsync) as f:
             pq.write_table(table, f, row_group_size=500)
         files = [name]
     else:  # rows kept as a pickled list in the work folder until finish() joins the parts into one .npy
-        with atomic_file(out / WORK / f"rows-{index:05d}.pkl") as f:
+        with atomic_file(out / WORK / f"rows-{index:05d}.pkl", fsync=info.fsync) as f:
             pickle.dump(table.to_pylist() if table is not None else [], f, protocol=pickle.HIGHEST_PROTOCOL)
         files = []
     return {"files": files, **_merge(stats)}
@@ -89,7 +89,7 @@ def finish(out: Path, parts: list[dict], state: dict, info) -> dict:
                 rows += pickle.load(f)
         array = np.empty(len(rows), dtype=object)
         array[:] = rows
-        with atomic_file(out / "packed.npy") as f:
+        with atomic_file(out / "packed.npy", fsync=info.fsync) as f:
             np.save(f, array, allow_pickle=True)
         files = ["packed.npy"]
     s = _merge(parts)
@@ -101,7 +101,7 @@ def finish(out: Path, parts: list[dict], state: dict, info) -> dict:
         "pack_size": info.seq_len,
         "min_packed_seqlen": s["min_row"],
     }
-    write_json_atomic(out / "packing_metadata.json", [metadata])
+    write_json(out / "packing_metadata.json", [metadata], info)
     return {"files": [*files, "packing_metadata.json"], "container": state["container"], "packing": metadata}
 
 
