@@ -28,6 +28,11 @@ from packprep.shards import open_shard, shard_files
 EOS_TEXT = "alpha beta <|endoftext|> gamma delta"  # the builtin tokenizer's EOS string inside a document
 
 
+def export_fast(*args, **kwargs) -> dict:
+    """export() without fsync (slow on a busy disk, and not what these tests check); the manifest test keeps it."""
+    return export(*args, fsync=False, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("exports")
@@ -96,7 +101,7 @@ def docs_of(tokens, mask, lengths) -> list[tuple]:
 
 def test_megatron_read_by_indexed_dataset_and_bytes_match_their_builder(built, expected, readers, tmp_path):
     readers("megatron")
-    manifest = export(built, "megatron", tmp_path / "m")
+    manifest = export_fast(built, "megatron", tmp_path / "m")
     assert manifest["token_dtype"] == "uint16" and manifest["loss_mask"]
     run_reader("megatron", "megatron_read.py", tmp_path / "m", expected["path"], tmp_path / "r.npz")
     r = np.load(tmp_path / "r.npz")
@@ -113,7 +118,7 @@ def test_megatron_read_by_indexed_dataset_and_bytes_match_their_builder(built, e
 
 def test_olmo_read_by_packed_fsl_dataset_with_explicit_boundaries(built, expected, readers, tmp_path):
     readers("olmo")
-    manifest = export(built, "olmo", tmp_path / "o")
+    manifest = export_fast(built, "olmo", tmp_path / "o")
     assert manifest["token_dtype"] == "uint16"
     run_reader("olmo", "olmo_read.py", tmp_path / "o", expected["path"], tmp_path / "work", tmp_path / "r.npz")
     r = np.load(tmp_path / "r.npz")
@@ -129,7 +134,7 @@ def test_olmo_read_by_packed_fsl_dataset_with_explicit_boundaries(built, expecte
 
 def test_nemo_parquet_matches_their_packing_function(built, expected, readers, tmp_path):
     readers("nemo")
-    manifest = export(built, "nemo", tmp_path / "n")
+    manifest = export_fast(built, "nemo", tmp_path / "n")
     assert all(f.endswith(".idx.parquet") for f in manifest["files"][:-1])
     run_reader("nemo", "nemo_read.py", tmp_path / "n", expected["path"], tmp_path / "r.npz")
     r = np.load(tmp_path / "r.npz")
@@ -145,7 +150,7 @@ def test_nemo_parquet_matches_their_packing_function(built, expected, readers, t
 
 def test_nemo_npy_read_by_their_packed_dataset(built, expected, readers, tmp_path):
     readers("nemo")
-    export(built, "nemo", tmp_path / "n", container="npy")
+    export_fast(built, "nemo", tmp_path / "n", container="npy")
     run_reader("nemo", "nemo_read.py", tmp_path / "n", expected["path"], tmp_path / "r.npz")
     r = np.load(tmp_path / "r.npz")
     cut = np.cumsum(expected["lengths"])[:-1]
@@ -163,7 +168,7 @@ def test_nemo_npy_read_by_their_packed_dataset(built, expected, readers, tmp_pat
 @pytest.mark.parametrize("fmt", ["mds", "litdata"])
 def test_row_formats_read_by_streaming_dataset_and_bytes_match_their_writer(fmt, built, expected, readers, tmp_path):
     readers(fmt)
-    export(built, fmt, tmp_path / fmt)
+    export_fast(built, fmt, tmp_path / fmt)
     run_reader(fmt, f"{fmt}_read.py", tmp_path / fmt, expected["path"], tmp_path / "r.npz")
     r = np.load(tmp_path / "r.npz")
     rows = len(expected["row_docs"]) - 1
@@ -193,7 +198,7 @@ def test_labels_and_target_aligned_mask():
 
 @pytest.mark.parametrize("fmt", ["megatron", "olmo", "nemo", "mds", "litdata"])
 def test_interrupted_export_resumes_to_the_same_bytes(fmt, built, tmp_path, monkeypatch):
-    clean = export(built, fmt, tmp_path / "clean")
+    clean = export_fast(built, fmt, tmp_path / "clean")
     mod = exports.writer(fmt)
     real, calls = mod.write_part, []
 
@@ -210,11 +215,11 @@ def test_interrupted_export_resumes_to_the_same_bytes(fmt, built, tmp_path, monk
 
     monkeypatch.setattr(mod, "write_part", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        export(built, fmt, tmp_path / "resumed")
+        export_fast(built, fmt, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / exports.MANIFEST).exists()
     monkeypatch.setattr(mod, "write_part", real)
     lines = []
-    resumed = export(built, fmt, tmp_path / "resumed", echo=lines.append)
+    resumed = export_fast(built, fmt, tmp_path / "resumed", echo=lines.append)
     assert lines[0].startswith("resuming: 2 of")
     assert sorted(resumed["files"]) == sorted(clean["files"])
     for name in clean["files"]:
