@@ -467,3 +467,37 @@ def json_array_cuts(block, base, state, chunk_bytes, cuts):
                 next_cut = base + i + chunk_bytes
     state[0], state[1], state[2], state[3] = depth, in_string, escaped, next_cut
     return num_cuts, commas, end
+
+
+# ---------------------------------------------------------------------------------------------------- exports
+
+
+@numba.njit(cache=True)
+def _put_decimal(value, out, pos):
+    """ASCII decimal digits of value >= 0 into out[pos:]; returns the position after them."""
+    digits = 1
+    bound = 10
+    while value >= bound:
+        digits += 1
+        bound *= 10
+    for k in range(digits - 1, -1, -1):
+        out[pos + k] = 48 + value % 10
+        value //= 10
+    return pos + digits
+
+
+@numba.njit(cache=True)
+def boundaries_csv(lengths, out):
+    """One `start,end` line per document, documents back to back from 0, as ASCII into out (uint8, at least 42
+    bytes per document); returns the bytes written. lengths [3, 2] -> b"0,3\\n3,5\\n" (OLMo-core's .csv.gz)."""
+    pos = 0
+    start = 0
+    for i in range(lengths.size):
+        end = start + lengths[i]
+        pos = _put_decimal(start, out, pos)
+        out[pos] = 44
+        pos = _put_decimal(end, out, pos + 1)
+        out[pos] = 10
+        pos += 1
+        start = end
+    return pos

@@ -238,6 +238,28 @@ def _train(cfg) -> None:
     run_training(cfg, echo=lambda line: console.print(line, highlight=False))
 
 
+# --- export: other training stacks ---------------------------------------------------------------------------------
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    build: str = typer.Argument(..., help="A finished packprep build folder."),
+    to: str = typer.Option(..., "--to", help="megatron | nemo | olmo | mds | litdata."),
+    out: str = typer.Option(..., "--out", help="Output folder (rerun the same command to resume)."),
+    nemo_container: str = typer.Option("parquet", help="nemo only: parquet (current Megatron-Bridge) | npy "
+                                                        "(Megatron-Bridge <= 0.3, NeMo 2)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever OUT holds."),
+) -> None:
+    """Write a build in another training stack's own format (see the README's "Feed other stacks")."""
+    from packprep.exports import export
+
+    options = {"container": nemo_container} if to == "nemo" and nemo_container != "parquet" else {}
+    m = export(build, to, out, overwrite=overwrite, echo=lambda line: console.print(line, highlight=False), **options)
+    console.print(f"{m['format']}: {m['counts']['documents']:,} documents, {m['counts']['rows']:,} rows, "
+                  f"{m['counts']['tokens']:,} tokens -> {out} ({len(m['files'])} files)", highlight=False)
+
+
 @functools.cache
 def train_command():
     """The `train` command, built on first use: TrainConfig lives with the trainer, which imports torch (seconds),
