@@ -27,10 +27,11 @@ from packprep.config import BuildConfig
 from packprep.executor import Executor, make_executor
 from packprep.inputs import DEFAULT_CORPUS, TASK_PLAN_VERSION, fingerprint, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.report import Progress
-from packprep.shards import FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
+from packprep.shards import FORMAT_MINOR, FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
 from packprep.tokenizer import (
     TokenizeContext,
     Tokenizer,
+    choose_backend,
     preload,
     resolve_tokenizer,
     tokenize_task,
@@ -82,11 +83,15 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
         progress.log("no inputs given: building the embedded default corpus (this Python's standard library)")
         files = resolve_inputs([stdlib_corpus(work / "python-stdlib.parquet")])
     tok_dir = resolve_tokenizer(config.tokenizer, work)
-    tok = Tokenizer(tok_dir)
-    preload(tok)
     tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
                        prompt_field=config.prompt_field, completion_field=config.completion_field,
                        messages_field=config.messages_field)
+    backend, backend_why = choose_backend(tok_dir, config.tokenizer_backend, tasks,
+                                          config.special_tokens_in_text)
+    if config.tokenizer_backend == "auto":
+        progress.log(f"tokenizer backend: {backend} ({backend_why})")
+    tok = Tokenizer(tok_dir, backend, config.special_tokens_in_text)
+    preload(tok)
     if any(t.format.name in ("chat", "sharegpt") for t in tasks) and tok.chat_template is None:
         raise ValueError(f"tokenizer {config.tokenizer!r} has no chat template; chat data needs one")
     timings["prepare"] = time.perf_counter() - t0
@@ -97,7 +102,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     spool_dir.mkdir(parents=True, exist_ok=True)
     reused = {"tokenize_tasks": sum(spool.finished(spool_dir, i) is not None for i in range(len(tasks)))}
     results: list[spool.TaskResult] = [None] * len(tasks)
-    ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error)
+    ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error, backend, config.special_tokens_in_text)
     with progress.stage("tokenize", len(tasks), "chunks") as bar:
         for n, r in enumerate(executor.imap(tokenize_task, tasks, ctx), 1):
             results[r.index] = r
@@ -143,15 +148,24 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor) -> Build
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     counts["rejected_reasons"] = write_rejects(out, spool_dir, results)
+    counts["label_tokens"] = sum(s["label_tokens"] for s in shards)
+    for note in ("special_in_text", "no_assistant"):  # documents holding special-token strings; chats with no loss
+        counts[note] = sum(r.notes.get(note, 0) for r in results)
+    if counts["special_in_text"]:
+        progress.log(f"warning: {counts['special_in_text']} documents hold special-token strings in their text "
+                     f"(parsed as special tokens, HF's default; --special-tokens-in-text literal keeps them text)"
+                     if config.special_tokens_in_text == "parse" else
+                     f"note: {counts['special_in_text']} documents hold special-token strings, encoded as text")
 
     # manifest: last; a folder without it is an unfinished build
     manifest = {
         "format_version": FORMAT_VERSION,
+        "format_minor": FORMAT_MINOR,
         "packprep_version": packprep.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.to_dict(),
         "tokenizer": {"name": config.tokenizer, "sha256": tokenizer_sha256(tok_dir), "vocab_size": tok.vocab_size,
-                      "eos_id": tok.eos_id},
+                      "eos_id": tok.eos_id, "backend": backend, "backend_reason": backend_why},
         "inputs": _input_records(fingerprints, files, tasks, results),
         "seq_len": config.seq_len,
         "strategy": config.strategy,

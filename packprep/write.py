@@ -1,7 +1,8 @@
 """The write stage: shard k's rows, gathered from the spool in plan order, -> data-<k>-of-<n>.arrow.
 
     ctx = WriteContext(out, work, rows, rows_per_shard, num_shards, batch_rows)
-    info = write_shard_task(k, ctx)       # {"file", "rows", "tokens", "bytes", "sha256", "loss_tokens", "index"}
+    info = write_shard_task(k, ctx)       # {"file", "rows", "tokens", "bytes", "sha256", "loss_tokens",
+                                          #  "label_tokens", "index"}
 
 One task per shard, idempotent: its marker OUT/.packprep-work/shards/s<k>.done.json comes after the shard file and
 records the file's size, so a resumed build keeps a shard only when both agree. Rows are gathered a record batch at a
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from packprep import layout, spool
-from packprep.shards import atomic_file, make_batch, shard_name, write_json_atomic, write_shard
+from packprep.shards import IGNORE_INDEX, atomic_file, make_batch, shard_name, write_json_atomic, write_shard
 from packprep.workdir import kill_hook
 
 BATCH_TOKENS = 4 << 20  # tokens per record batch: each gathers from every spool file, so larger means fewer faults
@@ -61,18 +62,19 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
     work = Path(ctx.work)
     lay, reader = layout.load(work / "layout"), spool.Reader(work / "spool")
     lo, hi = index * ctx.rows_per_shard, min((index + 1) * ctx.rows_per_shard, ctx.rows)
-    loss = 0
+    loss = labelled = 0
 
     def batches():
-        nonlocal loss
+        nonlocal loss, labelled
         for b in range(lo, hi, ctx.batch_rows):
             batch, loss_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, reader)
             loss += loss_tokens
+            labelled += label_tokens(batch)
             yield batch
             kill_hook(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
     info = {"index": index, **write_shard(Path(ctx.out) / shard_name(index, ctx.num_shards), batches()),
-            "loss_tokens": loss}
+            "loss_tokens": loss, "label_tokens": labelled}
     marker = work / "shards" / f"s{index:05d}.done.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, info)
@@ -113,6 +115,13 @@ def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
         reader.release(task)  # RSS: at most one task file's pages mapped at a time
     batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
     return batch, int(mask.sum(dtype=np.int64))
+
+
+def label_tokens(batch) -> int:
+    """Tokens a model's loss counts in this batch: labels != -100 (loss tokens less the documents' first tokens)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.not_equal(batch.column("labels").values, IGNORE_INDEX)).as_py() or 0)
 
 
 def dataset_fingerprint(shards: list[dict]) -> str:
