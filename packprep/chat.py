@@ -31,7 +31,8 @@ class ChatTemplate:
     """One jinja2 chat template, compiled once; `special` holds bos_token/eos_token/... strings for the template."""
 
     def __init__(self, source: str, special: dict, special_tokens: list[str], name: str = "chat template"):
-        self.source, self.special, self.name = source, dict(special), name
+        self.source, self.name = source, name
+        self.special = {k: v for k, v in special.items() if v is not None}  # an unset bos_token renders as ""
         self.compiled = _jinja_env().from_string(source)
         self.has_markers = "{% generation %}" in source or "{%- generation %}" in source or bool(
             re.search(r"{%-?\s*generation\s*-?%}", source))
@@ -79,21 +80,24 @@ class ChatTemplate:
                     break
             upto = self._render(messages[: i + 1])
             end = len(text) if upto == text else _common_prefix(upto, text)
-            found = [(p, len(c)) for c in dict.fromkeys((content, content.strip())) if c
-                     for p in [text.find(c, start, end)] if p >= 0]
-            if not content.strip():
-                found = [(start, 0)] if not found else found
-            if not found:
+            span = seen = None
+            for c in dict.fromkeys((content, content.strip())):  # as given, or trimmed by the template (`| trim`)
+                pos = text.find(c, start, end) if c else (start if not content.strip() else -1)
+                while pos >= 0 and span is None:  # the occurrence followed by the end-of-turn marker
+                    seen = pos
+                    tail = self._specials.match(text, pos + len(c), end) if self._specials else None
+                    if tail is not None:
+                        span = (pos, tail.end())
+                    pos = text.find(c, pos + 1, end) if c else -1
+            if span is None and seen is None:
                 raise TemplateError(f"{self.name}: cannot locate assistant message {i}'s content in the rendered "
                                     "conversation; add {% generation %} markers to the template")
-            pos, size = found[0]
-            tail = self._specials.match(text, pos + size, end) if self._specials else None
-            if tail is None or tail.end() == pos + size:
+            if span is None:
                 raise TemplateError(f"{self.name}: cannot locate the end-of-turn marker of assistant message {i} "
                                     "(no special token follows its content in the turn); add {% generation %} "
                                     "markers to the template")
-            spans.append((pos, tail.end()))
-            done = tail.end()
+            spans.append(span)
+            done = span[1]
         return spans
 
 

@@ -251,7 +251,7 @@ class Tokenizer:
 
     def _flatten(self, ids: list[list[int]], masks: list, eos: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Documents back to back. masks[i]: an array, None (all 1) or _EMPTY (the document is empty: length 0).
-        eos: EOS appended to each non-empty document unless its last token is EOS, with the last token's loss."""
+        eos: EOS appended to each non-empty document unless its last token is EOS; it carries loss."""
         # ids [[5, 6], [], [7, 2]], eos=True (EOS 2) -> flat [5, 6, 2, 7, 2], lengths [3, 0, 2]
         eos_id, add, tail = self.eos_id, [self.eos_id], []
         n = len(ids)
@@ -267,7 +267,7 @@ class Tokenizer:
             mask_parts.append(m)
             if extra:
                 pieces.append(add)
-                mask_parts.append(m[-1:] if len(m) else np.ones(1, np.uint8))
+                mask_parts.append(np.ones(1, np.uint8))  # text, prompt/completion: the EOS carries loss
         flat = np.fromiter(chain.from_iterable(pieces or [tail]), np.int32, int(lengths.sum()))
         mask = np.concatenate(mask_parts).astype(np.uint8) if mask_parts else np.zeros(0, np.uint8)
         return flat, mask, lengths.astype(np.int32)
