@@ -28,10 +28,10 @@ from packprep.executor import Executor, make_executor
 from packprep.inputs import DEFAULT_CORPUS, TASK_PLAN_VERSION, fingerprint, plan_tasks, resolve_inputs, stdlib_corpus
 from packprep.report import Progress
 from packprep.shards import FORMAT_MINOR, FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
+from packprep.tiktoken_backend import choose_backend
 from packprep.tokenizer import (
     TokenizeContext,
     Tokenizer,
-    choose_backend,
     preload,
     resolve_tokenizer,
     tokenize_task,

@@ -101,6 +101,26 @@ class ChatTemplate:
         return spans
 
 
+def chat_renderer(tok, skip: bool):
+    """The per-record hook `records.to_docs` calls on each conversation, for a packprep Tokenizer `tok`: the
+    template's render, whose failures (raise_exception, a shape the template cannot take, a span it cannot locate)
+    become that record's reject or error; with `skip`, a conversation without an assistant message is also set
+    aside (kind no_assistant)."""
+    from packprep.records import BadRecord  # records does not import chat: no cycle
+
+    def render(messages: list[dict]):
+        if tok.chat is None:
+            raise ValueError(f"tokenizer {tok.folder} has no chat template; chat data needs one")
+        if skip and not any(m.get("role") == "assistant" for m in messages):
+            raise BadRecord("no_assistant", "no assistant message: nothing to train on (kept, without loss, under "
+                                            "--on-error raise)")
+        try:
+            return tok.chat.render(messages)
+        except TemplateError as e:
+            raise BadRecord("chat_template", str(e)) from None
+    return render
+
+
 def clean(messages: list[dict]) -> list[dict]:
     """What transformers hands the template: each message without its None-valued keys (`content: null`)."""
     return [{k: v for k, v in m.items() if v is not None} for m in messages]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from packprep import spool
-from packprep.chat import ChatTemplate, TemplateError
+from packprep.chat import ChatTemplate, chat_renderer
 from packprep.inputs import ReadTask
 from packprep.readers import read_task
 from packprep.records import Docs, Reject
@@ -330,59 +330,6 @@ def _tokenizer(ctx: TokenizeContext) -> Tokenizer:
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = Tokenizer(ctx.tokenizer, ctx.backend, ctx.special_tokens_in_text)
     return _TOKENIZERS[key]
-
-
-def chat_renderer(tok: Tokenizer, skip: bool):
-    """The per-record hook `records.to_docs` calls on each conversation: the template's render, whose failures
-    (raise_exception, a shape the template cannot take, a span it cannot locate) become that record's reject or
-    error; with `skip`, a conversation without an assistant message is also set aside (kind no_assistant)."""
-    from packprep.records import BadRecord
-
-    def render(messages: list[dict]):
-        if tok.chat is None:
-            raise ValueError(f"tokenizer {tok.folder} has no chat template; chat data needs one")
-        if skip and not any(m.get("role") == "assistant" for m in messages):
-            raise BadRecord("no_assistant", "no assistant message: nothing to train on (kept, without loss, under "
-                                            "--on-error raise)")
-        try:
-            return tok.chat.render(messages)
-        except TemplateError as e:
-            raise BadRecord("chat_template", str(e)) from None
-    return render
-
-
-def choose_backend(folder: Path, requested: str, tasks: list[ReadTask], special_tokens_in_text: str = "parse",
-                   sample: int = 2048) -> tuple[str, str]:
-    """(backend, why) for --tokenizer-backend: tiktoken when asked, or, for auto, when `tiktoken_backend` can
-    represent the tokenizer.json and the first task's first `sample` documents get the same ids, masks and lengths
-    from both (bad records are left out of the sample: the build reports them)."""
-    if requested != "auto":
-        return requested, f"--tokenizer-backend {requested}"
-    from packprep.tiktoken_backend import unsupported_reason
-
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        return "hf", "auto: tiktoken is not installed (pip install tiktoken)"
-    why = unsupported_reason(Path(folder) / "tokenizer.json")
-    if why:
-        return "hf", f"auto: tiktoken cannot represent this tokenizer ({why})"
-    hf, tt = Tokenizer(folder, "hf", special_tokens_in_text), Tokenizer(folder, "tiktoken", special_tokens_in_text)
-    n = 0
-    for task in tasks[:1]:
-        chats = task.format.name in ("chat", "sharegpt")
-        if chats and (hf.chat is None or hf.literal):
-            return "hf", "auto: chats need HF's parse of the template's special tokens here"
-        render = chat_renderer(hf, skip=True) if chats else None
-        docs = next(iter(read_task(task, batch_rows=sample, rejects=[], render=render)), None)
-        if docs is None or not len(docs):
-            continue
-        a, b = hf.encode(docs), tt.encode(docs)
-        if not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])):
-            k = int(np.flatnonzero(np.asarray(a[0][: len(b[0])]) != b[0][: len(a[0])])[:1].sum())
-            return "hf", f"auto: tiktoken differs from HF on the first task's sample (token {n + k}); using HF"
-        n += len(a[0])
-    return "tiktoken", f"auto: tiktoken equals HF on the first task's sample ({n} tokens)"
 
 
 def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> spool.TaskResult:

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from build_fixtures import chats, read_docs, texts
+from build_fixtures import read_docs, texts
 
 from packprep.build import build
 from packprep.config import BuildConfig, merge
