@@ -111,7 +111,7 @@ def chat_renderer(tok, skip: bool):
     def render(messages: list[dict]):
         if tok.chat is None:
             raise ValueError(f"tokenizer {tok.folder} has no chat template; chat data needs one")
-        if skip and not any(m.get("role") == "assistant" for m in messages):
+        if skip and messages and not any(m.get("role") == "assistant" for m in messages):  # [] is just empty
             raise BadRecord("no_assistant", "no assistant message: nothing to train on (kept, without loss, under "
                                             "--on-error raise)")
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from packprep import layout, spool
-from packprep.shards import IGNORE_INDEX, atomic_file, make_batch, shard_name, write_json_atomic, write_shard
+from packprep.shards import atomic_file, make_batch, shard_name, write_json_atomic, write_shard
 from packprep.workdir import kill_hook
 
 BATCH_TOKENS = 4 << 20  # tokens per record batch: each gathers from every spool file, so larger means fewer faults
@@ -67,9 +67,10 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
     def batches():
         nonlocal loss, labelled
         for b in range(lo, hi, ctx.batch_rows):
-            batch, loss_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, reader)
+            batch, loss_tokens, label_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]),
+                                                           lay, reader)
             loss += loss_tokens
-            labelled += label_tokens(batch)
+            labelled += label_tokens
             yield batch
             kill_hook(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
@@ -89,8 +90,8 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
-    """One record batch holding the given rows (plan row indices), tokens gathered from the spool, and its number
-    of loss tokens."""
+    """One record batch holding the given rows (plan row indices), tokens gathered from the spool, its number of
+    loss tokens and of labels (loss tokens that are not a piece's first token: what a model's loss counts)."""
     from packprep._kernels import copy_pieces
 
     ro = lay["row_offsets"]
@@ -114,14 +115,9 @@ def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
         copy_pieces(t_ids, t_mask, ppos[group] - base[task], ids, mask, cum[:-1][group], plen[group])
         reader.release(task)  # RSS: at most one task file's pages mapped at a time
     batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
-    return batch, int(mask.sum(dtype=np.int64))
-
-
-def label_tokens(batch) -> int:
-    """Tokens a model's loss counts in this batch: labels != -100 (loss tokens less the documents' first tokens)."""
-    import pyarrow.compute as pc
-
-    return int(pc.sum(pc.not_equal(batch.column("labels").values, IGNORE_INDEX)).as_py() or 0)
+    loss = int(mask.sum(dtype=np.int64))
+    starts = cum[:-1][plen > 0]
+    return batch, loss, loss - int(mask[starts].sum(dtype=np.int64))
 
 
 def dataset_fingerprint(shards: list[dict]) -> str:
