@@ -147,14 +147,15 @@ class Tokenizer:
     # -- prompt/completion: tokenizer(prompt + completion) as one string; loss from the first token at or after the
     #    completion's first character, and on the EOS
     def _encode_pairs(self, prompts: list[str], completions: list[str]):
+        texts = [p + c for p, c in zip(prompts, completions)]
+        encoded = iter(self._offsets([t for t in texts if t], add_special_tokens=True))
         ids, masks = [], []
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            text = p + c
+        for p, text in zip(prompts, texts):
             if not text:
                 ids.append([])
                 masks.append(_EMPTY)
                 continue
-            tok, starts, ends, added = self._offsets(text, add_special_tokens=True)
+            tok, starts, ends, added = next(encoded)
             content = np.flatnonzero(~added & (starts >= len(p)))
             first = int(content[0]) if len(content) else int(np.flatnonzero(~added)[-1]) + 1 if (~added).any() else 0
             m = np.zeros(len(tok), np.uint8)
@@ -175,8 +176,7 @@ class Tokenizer:
                              "template writes its own special tokens into the same text, so chats keep HF's parse")
         rendered = docs.rendered if docs.rendered is not None else [self.chat.render(c) for c in docs.chats]
         ids, masks = [], []
-        for text, spans in rendered:
-            tok, starts, ends, _ = self._offsets(text, add_special_tokens=False)
+        for (text, spans), (tok, starts, ends, _) in zip(rendered, self._offsets([t for t, _ in rendered], False)):
             m = np.zeros(len(tok), np.uint8)
             for a, b in spans:  # every token overlapping a span, as transformers' assistant_masks
                 m[(starts < b) & (ends > a)] = 1
@@ -195,21 +195,23 @@ class Tokenizer:
         finally:
             self.rust.encode_special_tokens = False
 
-    def _offsets(self, text: str, add_special_tokens: bool):
-        """(ids, token start chars, token end chars, added-by-post-processor flags) of one text, HF's offsets.
-        With tiktoken, offsets come from the tokens' byte lengths; a text they do not add up for (NFC changed it,
-        an added token stripped spaces) is encoded by HF instead."""
-        if self.tiktoken is not None:
-            got = self._tiktoken_offsets(text, add_special_tokens)
-            if got is not None:
-                return got
+    def _offsets(self, texts: list[str], add_special_tokens: bool) -> list[tuple]:
+        """Per text: (ids, token start chars, token end chars, added-by-post-processor flags), HF's offsets, from
+        one batch encode. With tiktoken, offsets come from the tokens' byte lengths; a text they do not add up for
+        (NFC changed it, an added token stripped spaces) is encoded by HF instead."""
+        out = [self._tiktoken_offsets(t, add_special_tokens) for t in texts] if self.tiktoken else [None] * len(texts)
+        todo = [i for i, o in enumerate(out) if o is None]
+        if not todo:
+            return out
         self.rust.encode_special_tokens = self.literal and add_special_tokens
         try:
-            enc = self.rust.encode(text, add_special_tokens=add_special_tokens)
+            encs = self.rust.encode_batch([texts[i] for i in todo], add_special_tokens=add_special_tokens)
         finally:
             self.rust.encode_special_tokens = False
-        off = np.array(enc.offsets, np.int64).reshape(-1, 2)
-        return enc.ids, off[:, 0], off[:, 1], np.array(enc.special_tokens_mask, bool)
+        for i, enc in zip(todo, encs):
+            off = np.array(enc.offsets, np.int64).reshape(-1, 2)
+            out[i] = enc.ids, off[:, 0], off[:, 1], np.array(enc.special_tokens_mask, bool)
+        return out
 
     def _tiktoken_offsets(self, text: str, add_special_tokens: bool):
         tt = self.tiktoken
