@@ -1,16 +1,23 @@
-"""The tokenizer (loading, encoding, chat templates, loss masks) and the tokenize stage: one input chunk -> spool.
+"""The tokenizer (loading, the encoding contract, loss masks) and the tokenize stage: one input chunk -> spool.
 
-    tok = Tokenizer(resolve_tokenizer("builtin", work))     # a Hugging Face fast tokenizer folder, no transformers
-    ids, mask, lengths = tok.encode(docs)                    # flat int32 ids, flat uint8 mask, int32 per document
-    result = tokenize_task(task, ctx)                        # one ReadTask -> its spool files (packprep.spool)
+    tok = Tokenizer(resolve_tokenizer("builtin", work), backend="hf")   # a HF fast tokenizer folder, no transformers
+    ids, mask, lengths, notes = tok.encode(docs)         # flat int32 ids, flat uint8 mask, int32 per document, counts
+    result = tokenize_task(task, ctx)                    # one ReadTask -> its spool files (packprep.spool)
 
-Cost: the tokenizer's own batch encode (Rust, one core per worker process) plus ~45 ns per token to copy the
-ids into numpy; chat adds one Jinja render per conversation. Memory per worker: one task's text and tokens (a few
-times `chunk_bytes`). Loss mask: plain text all 1; prompt/completion 1 on completion + EOS; chat 1 on the tokens
-the template's `{% generation %}` blocks mark (assistant turns), or, for templates without those markers, on each
-assistant message's content found by rendering the conversation turn by turn. Documents with no tokens are kept
-as length 0 (dropped and counted later as "empty"). Only `tokenizers`, `jinja2`, numpy and pyarrow are imported
-here (not transformers), so a worker starts in a fraction of a second.
+The contract (the model family's own; README "The tokenization contract"):
+  text               tokenizer(text) with its special tokens (BOS where the post-processor adds it), EOS unless
+                     last; every token carries loss
+  prompt/completion  tokenizer(prompt + completion) as one string; loss from the first token at or after the
+                     completion's first character (character offsets), and on the EOS (appended unless last)
+  chat               exactly the template's tokens (`packprep.chat`), nothing appended; loss on the tokens that
+                     overlap the assistant spans (content + end-of-turn marker), as transformers' assistant_masks
+Documents with no tokens are kept as length 0 (dropped and counted later as "empty"). The tiktoken backend
+(`packprep.tiktoken_backend`) gives the same ids; its character offsets come from the tokens' byte lengths.
+
+Cost: the backend's batch encode plus ~45 ns per token to copy the ids into numpy; prompt/completion and chat use
+the encode with offsets (slower than the fast encode) and a numpy pass per document; chat adds the renders of
+`packprep.chat`. Memory per worker: one task's text and tokens (a few times `chunk_bytes`). Only `tokenizers`,
+`jinja2`, numpy and pyarrow are imported here (not transformers), so a worker starts in a fraction of a second.
 """
 
 from __future__ import annotations
