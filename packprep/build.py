@@ -40,7 +40,8 @@ from packprep.inputs import (
     stdlib_corpus,
 )
 from packprep.report import Progress
-from packprep.shards import FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
+from packprep.shards import FORMAT_MINOR, FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
+from packprep.tiktoken_backend import choose_backend
 from packprep.tokenizer import (
     TokenizeContext,
     Tokenizer,
@@ -115,14 +116,16 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
         progress.log("no inputs given: building the embedded default corpus (this Python's standard library)")
         files = resolve_inputs([stdlib_corpus(work / "python-stdlib.parquet")])
     tok_dir = resolve_tokenizer(config.tokenizer, work)
-    tok = _load_tokenizer(tok_dir)
-    preload(tok)
     if config.sources:
         tasks, task_source = mixture.plan(config.sources, source_files, config.chunk_bytes)
     else:
         tasks = plan_tasks(files, chunk_bytes=config.chunk_bytes, format=config.format, text_field=config.text_field,
                            prompt_field=config.prompt_field, completion_field=config.completion_field,
                            messages_field=config.messages_field)
+    backend, backend_why, tok = _load_tokenizer(tok_dir, config, tasks)
+    if config.tokenizer_backend == "auto":
+        progress.log(f"tokenizer backend: {backend} ({backend_why})")
+    preload(tok)
     if any(t.format.name in ("chat", "sharegpt") for t in tasks) and tok.chat_template is None:
         raise ValueError(f"tokenizer {config.tokenizer!r} has no chat template; chat data needs one")
     timings["prepare"] = time.perf_counter() - t0
@@ -137,7 +140,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
                 spool.paths(spool_dir, i)["done"].unlink()
     reused = {"tokenize_tasks": sum(spool.finished(spool_dir, i) is not None for i in range(len(tasks)))}
     results: list[spool.TaskResult] = [None] * len(tasks)
-    ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error)
+    ctx = TokenizeContext(str(tok_dir), str(spool_dir), config.on_error, backend, config.special_tokens_in_text)
     ship = url is not None and config.executor == "ray"  # Ray nodes need no shared disk: outputs come back
     stage_fn, stage_ctx = (remote.shipped_tokenize, remote.Shipped.of(ctx)) if ship else (tokenize_task, ctx)
     try:
@@ -210,15 +213,24 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     counts["rejected_reasons"] = write_rejects(out, spool_dir, results)
+    counts["label_tokens"] = sum(s["label_tokens"] for s in shards)
+    for note in ("special_in_text", "no_assistant"):  # documents holding special-token strings; chats with no loss
+        counts[note] = sum(r.notes.get(note, 0) for r in results)
+    if counts["special_in_text"]:
+        progress.log(f"warning: {counts['special_in_text']} documents hold special-token strings in their text "
+                     f"(parsed as special tokens, HF's default; --special-tokens-in-text literal keeps them text)"
+                     if config.special_tokens_in_text == "parse" else
+                     f"note: {counts['special_in_text']} documents hold special-token strings, encoded as text")
 
     # manifest: last; a folder without it is an unfinished build
     manifest = {
         "format_version": FORMAT_VERSION,
+        "format_minor": FORMAT_MINOR,
         "packprep_version": packprep.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {**config.to_dict(), "storage_options": storage.redacted(config.storage_options)},
         "tokenizer": {"name": config.tokenizer, "sha256": tokenizer_sha256(tok_dir), "vocab_size": tok.vocab_size,
-                      "eos_id": tok.eos_id},
+                      "eos_id": tok.eos_id, "backend": backend, "backend_reason": backend_why},
         "inputs": _input_records(fingerprints, files, tasks, results, expansion),
         "seq_len": config.seq_len,
         "strategy": config.strategy,
@@ -255,9 +267,12 @@ def _check_unchanged(fingerprints: list[dict]) -> None:
                          "final (--overwrite builds from its new content)")
 
 
-def _load_tokenizer(tok_dir: Path) -> Tokenizer:
+def _load_tokenizer(tok_dir: Path, config: BuildConfig, tasks) -> tuple[str, str, Tokenizer]:
+    """The tokenizer backend (`--tokenizer-backend`, auto: tiktoken where it equals HF on the first task) and the
+    tokenizer; a truncated or foreign tokenizer.json is one line, not the tokenizers library's bare Exception."""
     try:
-        return Tokenizer(tok_dir)
+        backend, why = choose_backend(tok_dir, config.tokenizer_backend, tasks, config.special_tokens_in_text)
+        return backend, why, Tokenizer(tok_dir, backend, config.special_tokens_in_text)
     except (ValueError, ImportError, OSError):
         raise
     except Exception as e:  # the tokenizers library raises a bare Exception on a truncated or foreign file

@@ -23,6 +23,8 @@ STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)  # the one list: packpre
 LongDocs = Literal["truncate", "split", "drop"]
 RecordFormat = Literal["auto", "text", "prompt-completion", "chat", "sharegpt", "alpaca"]
 OnError = Literal["raise", "skip"]
+TokenizerBackend = Literal["auto", "hf", "tiktoken"]
+SpecialTokensInText = Literal["parse", "literal"]
 Executor = Literal["local", "ray"]
 Check = Literal["size", "full"]
 INT32_MAX = 2**31 - 1
@@ -64,6 +66,12 @@ class BuildConfig:
         fsspec URL (s3://bucket/prefix, gs://, az://), uploaded shard by shard with the manifest last.""")
     tokenizer: str = setting(DEFAULT_TOKENIZER, """Hugging Face tokenizer: a local folder or tokenizer.json, a hub
         name when online, or 'builtin'.""")
+    tokenizer_backend: TokenizerBackend = setting("auto", """Who encodes: hf (`tokenizers`), tiktoken (byte-level
+        BPEs it represents exactly; same ids) or auto (tiktoken when it can represent the tokenizer and equals HF on
+        the first task's documents, else hf; the choice and why are in the manifest).""")
+    special_tokens_in_text: SpecialTokensInText = setting("parse", """Special-token strings inside record text
+        (a literal <|im_end|> in a text or prompt/completion): parse (HF's default: they become the special token)
+        or literal (encoded as plain text). Documents holding them are counted in the manifest.""")
     seq_len: int = setting(4096, "Tokens per packed row (the training context length).")
     strategy: Strategy = setting("ffd", """Packing strategy (b2f: ffd + exact two-document repairs).""")
     long_docs: LongDocs = setting("truncate", """Documents longer than seq_len: truncate (keep the first seq_len
@@ -141,7 +149,7 @@ class BuildConfig:
         """The settings the output bytes depend on (workers and chunk size do not change a byte)."""
         d = self.to_dict()
         for k in ("workers", "chunk_bytes", "out", "overwrite", "check", "executor", "ray_address", "storage_options",
-                  "work_dir"):
+                  "work_dir", "tokenizer_backend"):
             d.pop(k)
         return d
 

@@ -43,6 +43,7 @@ class Docs:
     prompts: list[str] | None = None
     completions: list[str] | None = None
     chats: list[list[dict]] | None = None
+    rendered: list[tuple[str, list]] | None = None  # chats through the template: (text, loss spans), when rendered
 
     def __len__(self) -> int:
         return len(next(x for x in (self.texts, self.prompts, self.chats) if x is not None))
@@ -170,11 +171,13 @@ def table_records(table: pa.Table) -> list:
         return out
 
 
-def to_docs(part, task, first: int, locate, rejects) -> Docs:
+def to_docs(part, task, first: int, locate, rejects, render=None) -> Docs:
     """A checked table slice (fast: whole columns) or a list of Python records (each checked) -> Docs.
 
     `task` is the ReadTask (its path and format), `first` the task-relative index of part's first record,
     `locate(i)` -> (where, at, raw or None) for part's record i; bad records go to `rejects`, or raise without it.
+    `render(messages)` (chats, optional): the chat template's render, run here so that a conversation the template
+    refuses is a bad record with its file and line; Docs.rendered then holds its results.
     """
     fmt = task.format
     if isinstance(part, pa.Table) and fmt.name not in ("chat", "sharegpt"):
@@ -189,12 +192,15 @@ def to_docs(part, task, first: int, locate, rejects) -> Docs:
         records, convert = part[fmt.fields[0]].to_pylist(), lambda conv: _conversation(conv, fmt)
     else:
         records, convert = part, lambda rec: _record(rec, fmt)
-    good = []
+    good, rendered = [], []
     for i, rec in enumerate(records):
         try:
             if isinstance(rec, BadRecord):
                 raise rec
-            good.append(convert(rec))
+            doc = convert(rec)
+            if render is not None:
+                rendered.append(render(doc))
+            good.append(doc)
         except BadRecord as bad:
             where, at, raw = locate(i)
             reject = Reject(first + i, task.path, where, at, bad.kind, bad.reason, raw if raw is not None else
@@ -203,7 +209,7 @@ def to_docs(part, task, first: int, locate, rejects) -> Docs:
                 raise RecordError(reject.message() + " (--on-error skip sets bad records aside)") from None
             rejects.append(reject)
     if fmt.name in ("chat", "sharegpt"):
-        return Docs(chats=good)
+        return Docs(chats=good, rendered=rendered if render is not None else None)
     if fmt.name == "text":
         return Docs(texts=good)
     return Docs(prompts=[p for p, _ in good], completions=[c for _, c in good])
@@ -239,7 +245,13 @@ def _alpaca_prompt(instruction: str, inp: str | None) -> str:
 
 
 def _conversation(conv, fmt: Format) -> list[dict]:
-    """A list of messages (role/content, or ShareGPT from/value) -> [{"role", "content"}]; raises BadRecord."""
+    """A list of messages (role/content, or ShareGPT from/value) -> the messages the template gets; raises BadRecord.
+
+    Chat messages pass through as transformers hands them to a template: `tool_calls`, tool messages, `content:
+    null` and content-part lists included (what a template cannot render is rejected when it renders). Only the
+    role is checked (ShareGPT's names mapped by ROLES) and `content` must be present: a message without it is a
+    bad record, not an empty turn.
+    """
     if conv is None:
         raise BadRecord("null", f"field {fmt.fields[0]!r} is null")
     if not isinstance(conv, list):
@@ -249,7 +261,7 @@ def _conversation(conv, fmt: Format) -> list[dict]:
         if not isinstance(m, dict):
             raise BadRecord("wrong_type", f"message {k} is {jtype(m)}, expected an object with role and content")
         sharegpt = m.get("role") is None and m.get("from") is not None
-        role, content = (m.get("from"), m.get("value")) if sharegpt else (m.get("role"), m.get("content"))
+        role = m.get("from") if sharegpt else m.get("role")
         if role in CHAT_ROLES and not sharegpt:
             pass
         elif isinstance(role, str) and role.lower() in ROLES:
@@ -257,9 +269,18 @@ def _conversation(conv, fmt: Format) -> list[dict]:
         else:
             accepted = ", ".join(dict.fromkeys((*CHAT_ROLES, *ROLES))) if not sharegpt else ", ".join(ROLES)
             raise BadRecord("unknown_role", f"message {k}: unknown role {role!r}; accepted: {accepted}")
-        if content is not None and not isinstance(content, str):
-            raise BadRecord("wrong_type", f"message {k}: content holds {jtype(content)}, expected text")
-        out.append({"role": role, "content": content or ""})
+        key = "value" if sharegpt else "content"
+        if key not in m:
+            raise BadRecord("missing_field", f"message {k} ({role}): no {key!r} (use null for a message without "
+                                             "text, e.g. one with tool_calls)")
+        content = m[key]
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRecord("wrong_type", f"message {k}: content holds {jtype(content)}, expected text, a list of "
+                                          "content parts or null")
+        if sharegpt:
+            out.append({"role": role, "content": content})
+        else:
+            out.append({**{k2: v for k2, v in m.items() if v is not None or k2 == "content"}, "role": role})
     return out
 
 

@@ -20,7 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 1
+FORMAT_MINOR = 1  # 1.1 added `labels`, as the last column: a reader of 1.0 still reads 1.1
 MANIFEST = "packprep.json"
+IGNORE_INDEX = -100  # HF's label for "no loss here"
 
 SCHEMA = pa.schema(
     [
@@ -29,6 +31,7 @@ SCHEMA = pa.schema(
         pa.field("seq_lengths", pa.list_(pa.int32())),  # [l1, l2, ...] (TRL's padding-free collator reads this)
         pa.field("loss_mask", pa.list_(pa.uint8())),  # 1 where the token carries loss
         pa.field("doc_ids", pa.list_(pa.int64())),  # source << 48 | repeat << 32 | record (mixture.py)
+        pa.field("labels", pa.list_(pa.int32())),  # HF unshifted: token where loss_mask, else -100; -100 at doc starts
     ]
 )
 
@@ -39,6 +42,7 @@ _HF_FEATURES = {
     "seq_lengths": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
     "loss_mask": {"feature": {"dtype": "uint8", "_type": "Value"}, "_type": "List"},
     "doc_ids": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"},
+    "labels": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
 }
 
 
@@ -86,12 +90,17 @@ def make_batch(
     piece_at = piece_off[:-1][row_of_entry] + local  # index into global_cum
     doc_offsets = (global_cum[piece_at] - global_cum[piece_off[:-1]][row_of_entry]).astype(np.int32)
     doc_ids = np.asarray(doc_ids, dtype=np.int64)[p0 : row_piece_offsets[-1]]
+    # labels: tokens [5 6 7 | 8 9], mask [1 1 1 | 0 1] -> [-100 6 7 | -100 9] (no prediction crosses a boundary)
+    labels = np.where(loss_mask != 0, tokens, np.int32(IGNORE_INDEX)).astype(np.int32)
+    starts = global_cum[:-1]
+    labels[starts[starts < len(labels)]] = IGNORE_INDEX
     arrays = [
         pa.ListArray.from_arrays(_arrow(tok_off), _arrow(tokens)),
         pa.ListArray.from_arrays(_arrow(entry_off), _arrow(doc_offsets)),
         pa.ListArray.from_arrays(_arrow(piece_off), _arrow(pl)),
         pa.ListArray.from_arrays(_arrow(tok_off), _arrow(loss_mask)),
         pa.ListArray.from_arrays(_arrow(piece_off), _arrow(doc_ids)),
+        pa.ListArray.from_arrays(_arrow(tok_off), _arrow(labels)),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 

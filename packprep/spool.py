@@ -37,6 +37,7 @@ class TaskResult:
     loss_tokens: int
     rejected: int = 0
     rejected_reasons: dict = field(default_factory=dict)  # kind -> records
+    notes: dict = field(default_factory=dict)  # the tokenizer's counts: special_in_text, no_assistant documents
 
 
 def paths(folder: str | Path, index: int) -> dict[str, Path]:
@@ -54,7 +55,7 @@ def finished(folder: str | Path, index: int) -> TaskResult | None:
 
 
 def write(folder: str | Path, index: int, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray,
-          rejects: list[dict] | None = None) -> TaskResult:
+          rejects: list[dict] | None = None, notes: dict | None = None) -> TaskResult:
     """Spool one task's tokens, loss mask, per-record lengths and rejects (JSON objects with a "kind"), marker last."""
     p = paths(folder, index)
     reasons: dict[str, int] = {}
@@ -66,7 +67,7 @@ def write(folder: str | Path, index: int, ids: np.ndarray, mask: np.ndarray, len
     for key, arr in (("ids", ids), ("mask", mask), ("len", lengths)):
         save_npy(p[key], arr)
     result = TaskResult(index, len(lengths), len(ids), int(mask.sum(dtype=np.int64)), len(rejects or ()),
-                        dict(sorted(reasons.items())))
+                        dict(sorted(reasons.items())), dict(sorted((notes or {}).items())))
     write_json_atomic(p["done"], result.__dict__)
     return result
 

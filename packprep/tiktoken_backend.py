@@ -16,6 +16,9 @@ Not provable: tiktoken merges any two adjacent pieces whose bytes form a token, 
 on vocabularies converted from tiktoken (every split is listed) and agreed on every document tried with BPEs trained
 by `tokenizers`, but a caller must check a sample against HF (`check_sample`) before trusting a corpus to it.
 
+`choose_backend` makes the build's `--tokenizer-backend auto|hf|tiktoken` choice (a sample of the corpus checked
+against HF, ids and masks).
+
 Cost: building the encoder reads the merges once (~1 s for a 151k vocabulary); encoding is tiktoken's Rust BPE plus
 one regex search per text for added tokens, on one thread unless `num_threads` says otherwise.
 """
@@ -27,6 +30,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import regex
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -316,3 +320,38 @@ def _single_template(post: dict | None) -> tuple[list[int], list[int]] | None:
         else:
             (after if seen else before).extend(post["special_tokens"][item["SpecialToken"]["id"]]["ids"])
     return before, after
+
+
+def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_text: str = "parse",
+                   sample: int = 2048) -> tuple[str, str]:
+    """(backend, why) for --tokenizer-backend: tiktoken when asked, or, for auto, when `tiktoken_backend` can
+    represent the tokenizer.json and the first task's first `sample` documents get the same ids, masks and lengths
+    from both (bad records are left out of the sample: the build reports them)."""
+    if requested != "auto":
+        return requested, f"--tokenizer-backend {requested}"
+    from packprep.readers import read_task
+    from packprep.tokenizer import Tokenizer, chat_renderer
+
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return "hf", "auto: tiktoken is not installed (pip install tiktoken)"
+    why = unsupported_reason(Path(folder) / "tokenizer.json")
+    if why:
+        return "hf", f"auto: tiktoken cannot represent this tokenizer ({why})"
+    hf, tt = Tokenizer(folder, "hf", special_tokens_in_text), Tokenizer(folder, "tiktoken", special_tokens_in_text)
+    n = 0
+    for task in tasks[:1]:
+        chats = task.format.name in ("chat", "sharegpt")
+        if chats and (hf.chat is None or hf.literal):
+            return "hf", "auto: chats need HF's parse of the template's special tokens here"
+        render = chat_renderer(hf, skip=True) if chats else None
+        docs = next(iter(read_task(task, batch_rows=sample, rejects=[], render=render)), None)
+        if docs is None or not len(docs):
+            continue
+        a, b = hf.encode(docs), tt.encode(docs)
+        if not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])):
+            k = int(np.flatnonzero(np.asarray(a[0][: len(b[0])]) != b[0][: len(a[0])])[:1].sum())
+            return "hf", f"auto: tiktoken differs from HF on the first task's sample (token {n + k}); using HF"
+        n += len(a[0])
+    return "tiktoken", f"auto: tiktoken equals HF on the first task's sample ({n} tokens)"

@@ -1,22 +1,31 @@
-"""The tokenizer (loading, encoding, chat templates, loss masks) and the tokenize stage: one input chunk -> spool.
+"""The tokenizer (loading, the encoding contract, loss masks) and the tokenize stage: one input chunk -> spool.
 
-    tok = Tokenizer(resolve_tokenizer("builtin", work))     # a Hugging Face fast tokenizer folder, no transformers
-    ids, mask, lengths = tok.encode(docs)                    # flat int32 ids, flat uint8 mask, int32 per document
-    result = tokenize_task(task, ctx)                        # one ReadTask -> its spool files (packprep.spool)
+    tok = Tokenizer(resolve_tokenizer("builtin", work), backend="hf")   # a HF fast tokenizer folder, no transformers
+    ids, mask, lengths, notes = tok.encode(docs)         # flat int32 ids, flat uint8 mask, int32 per document, counts
+    result = tokenize_task(task, ctx)                    # one ReadTask -> its spool files (packprep.spool)
 
-Cost: the tokenizer's own batch encode (Rust, one core per worker process) plus ~45 ns per token to copy the
-ids into numpy; chat adds one Jinja render per conversation. Memory per worker: one task's text and tokens (a few
-times `chunk_bytes`). Loss mask: plain text all 1; prompt/completion 1 on completion + EOS; chat 1 on the tokens
-the template's `{% generation %}` blocks mark (assistant turns), or, for templates without those markers, on each
-assistant message's content found by rendering the conversation turn by turn. Documents with no tokens are kept
-as length 0 (dropped and counted later as "empty"). Only `tokenizers`, `jinja2`, numpy and pyarrow are imported
-here (not transformers), so a worker starts in a fraction of a second.
+The contract (the model family's own; README "The tokenization contract"):
+  text               tokenizer(text) with its special tokens (BOS where the post-processor adds it), EOS unless
+                     last; every token carries loss
+  prompt/completion  tokenizer(prompt + completion) as one string; loss from the first token at or after the
+                     completion's first character (character offsets), and on the EOS (appended unless last)
+  chat               exactly the template's tokens (`packprep.chat`), nothing appended; loss on the tokens that
+                     overlap the assistant spans (content + end-of-turn marker), as transformers' assistant_masks
+Documents with no tokens are kept as length 0 (dropped and counted later as "empty"). The tiktoken backend
+(`packprep.tiktoken_backend`) gives the same ids; its character offsets come from the tokens' byte lengths.
+
+Cost: the backend's batch encode plus ~45 ns per token to copy the ids into numpy; prompt/completion and chat use
+the encode with offsets (slower than the fast encode) and a numpy pass per document; chat adds the renders of
+`packprep.chat`. Memory per worker: one task's text and tokens (a few times `chunk_bytes`). Only `tokenizers`,
+`jinja2`, numpy and pyarrow are imported here (not transformers), so a worker starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -24,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from packprep import spool
+from packprep.chat import ChatTemplate, chat_renderer
 from packprep.inputs import ReadTask
 from packprep.readers import read_task
 from packprep.records import Docs, Reject
 
 BUILTIN = Path(__file__).parent / "assets" / "tokenizer"
-GEN_OPEN, GEN_CLOSE = "\ue000", "\ue001"  # private-use code points bracketing {% generation %} output
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -84,13 +93,15 @@ def tokenizer_fingerprint(name: str) -> str | None:
 
 
 class Tokenizer:
-    """A Hugging Face fast tokenizer folder read with `tokenizers` directly (EOS id, chat template, encode)."""
+    """A Hugging Face fast tokenizer folder read with `tokenizers` directly: EOS id, chat template, and the encode
+    contract (module docstring). backend: "hf" (`tokenizers`) or "tiktoken" (`packprep.tiktoken_backend`, same ids);
+    special_tokens_in_text: "parse" (HF's default) or "literal" (special-token strings in record text are text)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, backend: str = "hf", special_tokens_in_text: str = "parse"):
         from tokenizers import Tokenizer as RustTokenizer
 
         folder = Path(folder)
-        self.folder = folder
+        self.folder, self.backend, self.literal = folder, backend, special_tokens_in_text == "literal"
         self.rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
         cfg = _read_json(folder / "tokenizer_config.json") or {}
         special = {**(_read_json(folder / "special_tokens_map.json") or {}), **cfg}
@@ -99,171 +110,189 @@ class Tokenizer:
         self.eos_id = self.rust.token_to_id(eos) if eos else None
         if self.eos_id is None:
             raise ValueError(f"tokenizer {folder}: no EOS token (eos_token in tokenizer_config.json)")
+        added = self.rust.get_added_tokens_decoder()
+        self.special_strings = [t.content for t in added.values() if t.special and t.content]
+        self._special_re = re.compile("|".join(map(re.escape, sorted(self.special_strings, key=len, reverse=True))))
         self.chat_template = _chat_template(folder, cfg)
-        self._template = None
+        self.chat = None
+        if self.chat_template is not None:
+            name = f"the chat template of tokenizer {folder}"
+            self.chat = ChatTemplate(self.chat_template, self.special, self.special_strings, name)
+        self.tiktoken = None
+        if backend == "tiktoken":
+            from packprep.tiktoken_backend import TiktokenBackend
+
+            self.tiktoken = TiktokenBackend(folder / "tokenizer.json", encode_special_tokens=self.literal)
+            self._token_bytes = None
+        elif backend != "hf":
+            raise ValueError(f"unknown tokenizer backend {backend!r}; expected hf or tiktoken")
 
     @property
     def vocab_size(self) -> int:
         return self.rust.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, docs: Docs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Flat ids (int32), flat loss mask (uint8) and per-document lengths (int32, EOS included; 0 = empty)."""
-        fast = self.rust.encode_batch_fast
+    def holds_special(self, text: str) -> bool:
+        """Whether `text` holds a special-token string (`<|im_start|>`, `</s>`...)."""
+        return bool(self.special_strings) and self._special_re.search(text) is not None
+
+    def encode(self, docs: Docs) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Flat ids (int32), flat loss mask (uint8), per-document lengths (int32; 0 = empty) and notes
+        ({"special_in_text": documents holding special-token strings, "no_assistant": chats without loss})."""
         if docs.texts is not None:
-            return self._join([fast(docs.texts, add_special_tokens=False)], loss=(1,))
-        if docs.prompts is not None:  # prompt tokens carry no loss; completion tokens and EOS do
-            return self._join([fast(docs.prompts, add_special_tokens=False),
-                               fast(docs.completions, add_special_tokens=False)], loss=(0, 1))
-        return self._encode_chats(docs.chats)
+            return self._encode_texts(docs.texts)
+        if docs.prompts is not None:
+            return self._encode_pairs(docs.prompts, docs.completions)
+        return self._encode_chats(docs)
 
-    def _join(self, parts: list, loss: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Document i = parts[0][i] + parts[1][i] + ... + EOS (no EOS on an empty document), each part's tokens
-        masked with its `loss` flag and EOS with the last part's. One pass from the encodings into numpy: ~40 ns
-        per token, most of it `Encoding.ids` building its Python list (there is no bulk export)."""
-        n = len(parts[0])
-        part_lens = np.empty((n, len(parts) + 1), np.int64)
-        for j, p in enumerate(parts):
-            part_lens[:, j] = np.fromiter(map(len, p), np.int64, n)
-        total = part_lens[:, :-1].sum(axis=1)
-        part_lens[:, -1] = total > 0  # the EOS
-        eos, nothing = [self.eos_id], []
+    # -- text: tokenizer(text) with its own special tokens, then EOS unless already last; every token carries loss
+    def _encode_texts(self, texts: list[str]):
+        ids = self._ids(texts, add_special_tokens=True)
+        masks = [None if t else _EMPTY for t in texts]
+        notes = {"special_in_text": sum(map(self.holds_special, texts))}
+        return (*self._flatten(ids, masks, eos=True), notes)
 
-        def pieces():  # [5, 6], [7], EOS, [], [], (nothing), ...
-            for doc, has_eos in zip(zip(*parts), part_lens[:, -1].tolist()):
-                for e in doc:
-                    yield e.ids
-                yield eos if has_eos else nothing
+    # -- prompt/completion: tokenizer(prompt + completion) as one string; loss from the first token at or after the
+    #    completion's first character, and on the EOS
+    def _encode_pairs(self, prompts: list[str], completions: list[str]):
+        texts = [p + c for p, c in zip(prompts, completions)]
+        encoded = iter(self._offsets([t for t in texts if t], add_special_tokens=True))
+        ids, masks = [], []
+        for p, text in zip(prompts, texts):
+            if not text:
+                ids.append([])
+                masks.append(_EMPTY)
+                continue
+            tok, starts, ends, added = next(encoded)
+            content = np.flatnonzero(~added & (starts >= len(p)))
+            first = int(content[0]) if len(content) else int(np.flatnonzero(~added)[-1]) + 1 if (~added).any() else 0
+            m = np.zeros(len(tok), np.uint8)
+            m[first:] = 1
+            ids.append(tok)
+            masks.append(m)
+        notes = {"special_in_text": sum(self.holds_special(p) or self.holds_special(c)
+                                        for p, c in zip(prompts, completions))}
+        return (*self._flatten(ids, masks, eos=True), notes)
 
-        lengths = total + part_lens[:, -1]
-        flat = np.fromiter(chain.from_iterable(pieces()), np.int32, int(lengths.sum()))
-        flags = np.tile(np.array([*loss, loss[-1]], np.uint8), n)
-        mask = np.repeat(flags, part_lens.ravel())
-        return flat, mask, lengths.astype(np.int32)
-
-    def _flatten(self, ids: list[list[int]], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # chats: ids [[5, 6], [], [7]] + EOS 2 -> flat [5, 6, 2, 7, 2], lengths [3, 0, 2]; EOS carries loss iff the
-        # document's last token does
-        n = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-        lengths = np.where(n > 0, n + 1, 0)
-        eos = [self.eos_id]
-        flat = np.fromiter(chain.from_iterable(chain.from_iterable((x, eos) for x in ids if x)), np.int32,
-                           int(lengths.sum()))
-        mask = np.concatenate([np.append(m, m[-1]) for m in masks if len(m)] or [np.zeros(0, np.uint8)])
-        return flat, mask.astype(np.uint8), lengths.astype(np.int32)
-
-    def _encode_chats(self, chats: list[list[dict]]):
-        if self.chat_template is None:
+    # -- chat: exactly the template's tokens, nothing appended; loss on the assistant spans (packprep.chat)
+    def _encode_chats(self, docs: Docs):
+        if self.chat is None:
             raise ValueError(f"tokenizer {self.folder} has no chat template; chat data needs one "
                              "(chat_template in tokenizer_config.json or chat_template.jinja)")
-        rendered = [self.render(c) for c in chats]
-        encs = self.rust.encode_batch([t for t, _ in rendered], add_special_tokens=False)
+        if self.literal:
+            raise ValueError("--special-tokens-in-text literal applies to text and prompt/completion records; a chat "
+                             "template writes its own special tokens into the same text, so chats keep HF's parse")
+        rendered = docs.rendered if docs.rendered is not None else [self.chat.render(c) for c in docs.chats]
         ids, masks = [], []
-        for enc, (text, spans) in zip(encs, rendered):
-            m = np.zeros(len(enc.ids), np.uint8)
-            for a, b in spans:
-                ta, tb = _char_to_token(enc, a, b, forward=True), _char_to_token(enc, a, b, forward=False)
-                if ta is not None and tb is not None:
-                    m[ta : tb + 1] = 1
-            ids.append(enc.ids)
+        for (text, spans), (tok, starts, ends, _) in zip(rendered, self._offsets([t for t, _ in rendered], False)):
+            m = np.zeros(len(tok), np.uint8)
+            for a, b in spans:  # every token overlapping a span, as transformers' assistant_masks
+                m[(starts < b) & (ends > a)] = 1
+            ids.append(tok)
             masks.append(m)
-        return self._flatten(ids, masks)
+        notes = {"special_in_text": sum(any(self.holds_special(t) for t in _message_texts(c)) for c in docs.chats),
+                 "no_assistant": sum(1 for m in masks if len(m) and not m.any())}
+        return (*self._flatten(ids, masks, eos=False), notes)
 
-    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """Chat template -> (text, character spans that carry loss)."""
-        if not messages:
-            return "", []
-        template = self._compiled()
-        text = template.render(messages=messages, add_generation_prompt=False, **self.special)
-        if GEN_OPEN in text and not any(GEN_OPEN in m["content"] or GEN_CLOSE in m["content"] for m in messages):
-            return _strip_markers(text)
-        text = text.replace(GEN_OPEN, "").replace(GEN_CLOSE, "")
-        return text, self._turn_spans(template, messages, text)
+    def _ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if self.tiktoken is not None:
+            return self.tiktoken.encode_batch(texts, add_special_tokens=add_special_tokens)
+        self.rust.encode_special_tokens = self.literal
+        try:
+            return [e.ids for e in self.rust.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+        finally:
+            self.rust.encode_special_tokens = False
 
-    def _turn_spans(self, template, messages, text) -> list[tuple[int, int]]:
-        """No generation markers: each assistant message's content, located by rendering turn by turn."""
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant" or not m["content"]:
+    def _offsets(self, texts: list[str], add_special_tokens: bool) -> list[tuple]:
+        """Per text: (ids, token start chars, token end chars, added-by-post-processor flags), HF's offsets, from
+        one batch encode. With tiktoken, offsets come from the tokens' byte lengths; a text they do not add up for
+        (NFC changed it, an added token stripped spaces) is encoded by HF instead."""
+        out = [self._tiktoken_offsets(t, add_special_tokens) for t in texts] if self.tiktoken else [None] * len(texts)
+        todo = [i for i, o in enumerate(out) if o is None]
+        if not todo:
+            return out
+        self.rust.encode_special_tokens = self.literal and add_special_tokens
+        try:
+            encs = self.rust.encode_batch([texts[i] for i in todo], add_special_tokens=add_special_tokens)
+        finally:
+            self.rust.encode_special_tokens = False
+        for i, enc in zip(todo, encs):
+            off = np.array(enc.offsets, np.int64).reshape(-1, 2)
+            out[i] = enc.ids, off[:, 0], off[:, 1], np.array(enc.special_tokens_mask, bool)
+        return out
+
+    def _tiktoken_offsets(self, text: str, add_special_tokens: bool):
+        tt = self.tiktoken
+        ids = tt.encode(text, add_special_tokens=add_special_tokens)
+        pre, suf = tt._template if add_special_tokens else ([], [])
+        body = np.asarray(ids[len(pre): len(ids) - len(suf)], np.int64)
+        raw = text.encode("utf-8")
+        sizes = self._byte_sizes()[body]
+        if int(sizes.sum()) != len(raw) or (tt._nfc and unicodedata.normalize("NFC", text) != text):
+            return None
+        char_sizes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        char_sizes = 1 + (char_sizes >= 0x80) + (char_sizes >= 0x800) + (char_sizes >= 0x10000)
+        char_of_byte = np.repeat(np.arange(len(text)), char_sizes)
+        start_b = np.cumsum(sizes) - sizes
+        starts = char_of_byte[np.minimum(start_b, len(raw) - 1)] if len(raw) else start_b
+        ends = char_of_byte[start_b + sizes - 1] + 1 if len(raw) else start_b
+        starts = np.concatenate([np.zeros(len(pre), np.int64), starts, np.zeros(len(suf), np.int64)])
+        ends = np.concatenate([np.zeros(len(pre), np.int64), ends, np.zeros(len(suf), np.int64)])
+        added = np.zeros(len(ids), bool)
+        added[: len(pre)] = True
+        added[len(ids) - len(suf):] = True
+        return ids, starts, ends, added
+
+    def _byte_sizes(self) -> np.ndarray:
+        """Bytes each token id stands for (tiktoken backend): BPE tokens' bytes, added tokens' UTF-8 content."""
+        if self._token_bytes is None:
+            enc = self.tiktoken.encoding
+            sizes = np.zeros(self.vocab_size + 1, np.int64)
+            for tok_id in range(enc.n_vocab):
+                try:
+                    sizes[tok_id] = len(enc.decode_single_token_bytes(tok_id))
+                except KeyError:
+                    pass
+            for tok_id, t in self.rust.get_added_tokens_decoder().items():
+                if tok_id < len(sizes):
+                    sizes[tok_id] = len(t.content.encode("utf-8"))
+            self._token_bytes = sizes
+        return self._token_bytes
+
+    def _flatten(self, ids: list[list[int]], masks: list, eos: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Documents back to back. masks[i]: an array, None (all 1) or _EMPTY (the document is empty: length 0).
+        eos: EOS appended to each non-empty document unless its last token is EOS; it carries loss."""
+        # ids [[5, 6], [], [7, 2]], eos=True (EOS 2) -> flat [5, 6, 2, 7, 2], lengths [3, 0, 2]
+        eos_id, add, tail = self.eos_id, [self.eos_id], []
+        n = len(ids)
+        lengths = np.zeros(n, np.int64)
+        pieces, mask_parts = [], []
+        for i, (x, m) in enumerate(zip(ids, masks)):
+            if m is _EMPTY or not x:
                 continue
-            prefix = template.render(messages=messages[:i], add_generation_prompt=False, **self.special)
-            prefix = prefix.replace(GEN_OPEN, "").replace(GEN_CLOSE, "") if i else ""
-            pos = text.find(m["content"], len(prefix) if text.startswith(prefix) else 0)
-            if pos >= 0:
-                spans.append((pos, pos + len(m["content"])))
-        return spans
-
-    def _compiled(self):
-        if self._template is None:
-            self._template = _jinja_env().from_string(self.chat_template)
-        return self._template
-
-
-def _char_to_token(enc, a: int, b: int, forward: bool):
-    """First (forward) or last token whose characters lie in [a, b); None when the span holds no token start."""
-    rng = range(a, b) if forward else range(b - 1, a - 1, -1)
-    for c in rng:
-        t = enc.char_to_token(c)
-        if t is not None:
-            return t
-    return None
+            extra = eos and x[-1] != eos_id
+            lengths[i] = len(x) + extra
+            pieces.append(x)
+            m = np.ones(len(x), np.uint8) if m is None else m
+            mask_parts.append(m)
+            if extra:
+                pieces.append(add)
+                mask_parts.append(np.ones(1, np.uint8))  # text, prompt/completion: the EOS carries loss
+        flat = np.fromiter(chain.from_iterable(pieces or [tail]), np.int32, int(lengths.sum()))
+        mask = np.concatenate(mask_parts).astype(np.uint8) if mask_parts else np.zeros(0, np.uint8)
+        return flat, mask, lengths.astype(np.int32)
 
 
-def _strip_markers(text: str) -> tuple[str, list[tuple[int, int]]]:
-    # "a\ue000bc\ue001d" -> ("abcd", [(1, 3)])
-    out, spans, pos, start = [], [], 0, None
-    for part, marker in _split_markers(text):
-        out.append(part)
-        pos += len(part)
-        if marker == GEN_OPEN:
-            start = pos
-        elif marker == GEN_CLOSE and start is not None:
-            if pos > start:
-                spans.append((start, pos))
-            start = None
-    return "".join(out), spans
+_EMPTY = np.zeros(0, np.uint8)  # marks an empty document in Tokenizer._flatten
 
 
-def _split_markers(text: str):
-    i = 0
-    while True:
-        j = min((k for k in (text.find(GEN_OPEN, i), text.find(GEN_CLOSE, i)) if k >= 0), default=-1)
-        if j < 0:
-            yield text[i:], None
-            return
-        yield text[i:j], text[j]
-        i = j + 1
-
-
-def _jinja_env():
-    """A sandboxed Jinja environment like transformers' chat-template renderer, with {% generation %}."""
-    from datetime import datetime
-
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
-
-        def _mark(self, caller):
-            return GEN_OPEN + caller() + GEN_CLOSE
-
-    def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
+def _message_texts(messages: list[dict]):
+    """The text of each message's content (a string, or the text parts of a content list)."""
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            yield c
+        elif isinstance(c, list):
+            yield from (p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
 
 
 def _read_json(path: Path):
@@ -293,14 +322,23 @@ class TokenizeContext:
     tokenizer: str  # local folder with tokenizer.json
     spool: str  # folder for the task outputs
     on_error: str = "raise"  # a bad record: raise (RecordError) | skip (spooled as a reject, length -1)
+    backend: str = "hf"  # hf | tiktoken (already chosen: `choose_backend`)
+    special_tokens_in_text: str = "parse"  # parse | literal
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}  # per process; forked workers inherit the driver's (loading Qwen's: ~1 s)
+_TOKENIZERS: dict[tuple, Tokenizer] = {}  # per process; forked workers inherit the driver's (loading Qwen's: ~1 s)
 
 
 def preload(tok: Tokenizer) -> None:
     """Let tasks in this process, and in workers forked from it, reuse an already loaded tokenizer."""
-    _TOKENIZERS[str(tok.folder)] = tok
+    _TOKENIZERS[(str(tok.folder), tok.backend, tok.literal)] = tok
+
+
+def _tokenizer(ctx: TokenizeContext) -> Tokenizer:
+    key = (ctx.tokenizer, ctx.backend, ctx.special_tokens_in_text == "literal")
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = Tokenizer(ctx.tokenizer, ctx.backend, ctx.special_tokens_in_text)
+    return _TOKENIZERS[key]
 
 
 def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> spool.TaskResult:
@@ -308,18 +346,23 @@ def tokenize_task(task: ReadTask, ctx: TokenizeContext) -> spool.TaskResult:
 
     Idempotent: a task the spool holds as finished is not redone (what a resumed build relies on). Under
     on_error=skip a bad record keeps its place in the lengths as -1 (so document indices stay those of the input
-    records) and is spooled as a reject.
+    records) and is spooled as a reject. A chat template's failure on a record is a bad record like any other.
     """
     done = spool.finished(ctx.spool, task.index)
     if done is not None:
         return done
-    tok = _TOKENIZERS.get(ctx.tokenizer) or _TOKENIZERS.setdefault(ctx.tokenizer, Tokenizer(ctx.tokenizer))
+    tok = _tokenizer(ctx)
     rejects: list[Reject] | None = [] if ctx.on_error == "skip" else None
-    parts = [tok.encode(docs) for docs in read_task(task, rejects=rejects) if len(docs)]
+    render = chat_renderer(tok, skip=rejects is not None) if task.format.name in ("chat", "sharegpt") else None
+    parts = [tok.encode(docs) for docs in read_task(task, rejects=rejects, render=render) if len(docs)]
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     mask = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.uint8)
     lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
+    notes: dict[str, int] = {}
+    for p in parts:
+        for k, v in p[3].items():
+            notes[k] = notes.get(k, 0) + v
     if rejects:
         at = np.array([r.index for r in rejects], np.int64)  # record positions, increasing
         lengths = np.insert(lengths, at - np.arange(len(at)), np.int32(-1))
-    return spool.write(ctx.spool, task.index, ids, mask, lengths, [r.to_json() for r in rejects or ()])
+    return spool.write(ctx.spool, task.index, ids, mask, lengths, [r.to_json() for r in rejects or ()], notes)

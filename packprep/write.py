@@ -1,7 +1,8 @@
 """The write stage: shard k's rows, gathered from the spool in plan order, -> data-<k>-of-<n>.arrow.
 
     ctx = WriteContext(out, work, rows, rows_per_shard, num_shards, batch_rows)
-    info = write_shard_task(k, ctx)       # {"file", "rows", "tokens", "bytes", "sha256", "loss_tokens", "index"}
+    info = write_shard_task(k, ctx)       # {"file", "rows", "tokens", "bytes", "sha256", "loss_tokens",
+                                          #  "label_tokens", "index"}
 
 One task per shard, idempotent: its marker OUT/.packprep-work/shards/s<k>.done.json comes after the shard file and
 records the file's size, so a resumed build keeps a shard only when both agree. Rows are gathered a record batch at a
@@ -64,20 +65,22 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
     work = Path(ctx.work)
     lay, reader = layout.load(work / "layout"), spool.Reader(work / "spool")
     lo, hi = index * ctx.rows_per_shard, min((index + 1) * ctx.rows_per_shard, ctx.rows)
-    loss, source_loss = 0, np.zeros(ctx.sources, np.int64)
+    loss, labelled, source_loss = 0, 0, np.zeros(ctx.sources, np.int64)
 
     def batches():
-        nonlocal loss
+        nonlocal loss, labelled
         for b in range(lo, hi, ctx.batch_rows):
-            batch, loss_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]), lay, reader)
+            batch, loss_tokens, label_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]),
+                                                           lay, reader)
             loss += loss_tokens
+            labelled += label_tokens
             if ctx.sources:
                 source_loss[:] += batch_tokens(batch, ctx.sources)[1]
             yield batch
             kill_hook(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
     info = {"index": index, **write_shard(Path(ctx.out) / shard_name(index, ctx.num_shards), batches()),
-            "loss_tokens": loss}
+            "loss_tokens": loss, "label_tokens": labelled}
     if ctx.sources:
         info["source_loss_tokens"] = source_loss.tolist()
     marker = work / "shards" / f"s{index:05d}.done.json"
@@ -94,8 +97,8 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
-    """One record batch holding the given rows (plan row indices), tokens gathered from the spool, and its number
-    of loss tokens."""
+    """One record batch holding the given rows (plan row indices), tokens gathered from the spool, its number of
+    loss tokens and of labels (loss tokens that are not a piece's first token: what a model's loss counts)."""
     from packprep._kernels import copy_pieces
 
     ro = lay["row_offsets"]
@@ -119,7 +122,9 @@ def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
         copy_pieces(t_ids, t_mask, ppos[group] - base[task], ids, mask, cum[:-1][group], plen[group])
         reader.release(task)  # RSS: at most one task file's pages mapped at a time
     batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
-    return batch, int(mask.sum(dtype=np.int64))
+    loss = int(mask.sum(dtype=np.int64))
+    starts = cum[:-1][plen > 0]
+    return batch, loss, loss - int(mask[starts].sum(dtype=np.int64))
 
 
 def dataset_fingerprint(shards: list[dict]) -> str:

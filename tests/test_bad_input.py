@@ -172,13 +172,12 @@ def test_empty_documents_and_conversations_are_dropped_not_rejected(tmp_path):
     src = jsonl(tmp_path / "chat.jsonl", [
         {"messages": [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta"}]},
         {"messages": []},
-        {"messages": [{"role": "user", "content": "gamma"}, {"role": "assistant", "content": None}]},
-    ])
+    ])  # (content: null reaches the template, which cannot render it: a reject, tests/test_tokenizer.py)
     txt = jsonl(tmp_path / "text.jsonl", [{"text": "alpha"}, {"text": ""}, {"text": "beta"}])
     for mode in ("raise", "skip"):
         m = run([src, txt], tmp_path / mode, on_error=mode)
         c = m["counts"]
-        assert (c["input_docs"], c["packed"], c["dropped"]["empty"], c["rejected"]) == (6, 4, 2, 0)
+        assert (c["input_docs"], c["packed"], c["dropped"]["empty"], c["rejected"]) == (5, 3, 2, 0)
         assert not (tmp_path / mode / "rejects.jsonl").exists() and verify(tmp_path / mode).ok
         check_accounting(m)
 
@@ -186,12 +185,13 @@ def test_empty_documents_and_conversations_are_dropped_not_rejected(tmp_path):
 def test_wrong_content_type_in_a_message(tmp_path):
     src = jsonl(tmp_path / "chat.jsonl", [
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-        {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "b"}]},
         {"messages": "hello"},
     ])
     run([src], tmp_path / "o", on_error="skip")
-    assert [(r["line"], r["kind"]) for r in rejects(tmp_path / "o")] == [(2, "wrong_type"), (3, "wrong_type")]
-    assert "message 0: content holds a list, expected text" in rejects(tmp_path / "o")[0]["reason"]
+    # a content-part list reaches the template (as in transformers); this one cannot render it
+    assert [(r["line"], r["kind"]) for r in rejects(tmp_path / "o")] == [(2, "chat_template"), (3, "wrong_type")]
+    assert "cannot render this conversation: TypeError" in rejects(tmp_path / "o")[0]["reason"]
 
 
 # ---------------------------------------------------------------------------------------------------- other formats

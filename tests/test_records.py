@@ -53,7 +53,7 @@ def test_documents_of_each_format():
     d = docs([{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
                                  {"from": "gpt", "value": None}]}], sharegpt)
     assert d.chats == [[{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                        {"role": "assistant", "content": ""}]]
+                        {"role": "assistant", "content": None}]]
     assert not table_ok(pa.table({"text": ["a", None]}), Format("text", ("text",)))
 
 

@@ -2,9 +2,8 @@
 conventions, builds that must pass, planted corruption named by document and position, and the tokenizer zoo's
 families x formats x chat templates.
 
-The zoo cases that today's packprep.tokenizer gets wrong (BOS, the prompt/completion join, EOS after chats, no loss
-on end-of-turn markers) are in UNTIL_CONTRACT, marked xfail(strict=False) until the tokenization contract lands;
-CONFORMING_TODAY holds the ones that must pass now.
+Every zoo case (family x format x template x generation markers) must pass `verify --tokens`: BOS where the family
+adds one, prompt + completion as one string, nothing appended to chats, loss on end-of-turn markers.
 """
 
 from __future__ import annotations
@@ -206,10 +205,9 @@ def test_prompt_completion_rule(zoo_root, family):
 
 # ---------------------------------------------------------------------------------------------------- the zoo's builds
 
-CONFORMING_TODAY = [("bytelevel", "text", None, False), ("spm_unigram", "text", None, False)]
-UNTIL_CONTRACT = ([(f, "text", None, False) for f in ("bytelevel_bos", "spm_bpe")]
-                  + [(f, "prompt-completion", None, False) for f in FAMILIES]
-                  + [(f, "chat", t, g) for f in FAMILIES for t in TEMPLATES for g in (False, True)])
+ZOO_CASES = ([(f, "text", None, False) for f in FAMILIES]
+             + [(f, "prompt-completion", None, False) for f in FAMILIES]
+             + [(f, "chat", t, g) for f in FAMILIES for t in TEMPLATES for g in (False, True)])
 
 
 def zoo_build_passes(zoo_root, tmp_path, family, fmt, template, generation):
@@ -219,14 +217,8 @@ def zoo_build_passes(zoo_root, tmp_path, family, fmt, template, generation):
     assert report.ok, report.failures
 
 
-@pytest.mark.parametrize("family,fmt,template,generation", CONFORMING_TODAY)
-def test_zoo_conforming(zoo_root, tmp_path, family, fmt, template, generation):
-    zoo_build_passes(zoo_root, tmp_path, family, fmt, template, generation)
-
-
-@pytest.mark.xfail(strict=False, reason="until the tokenization contract lands")
-@pytest.mark.parametrize("family,fmt,template,generation", UNTIL_CONTRACT)
-def test_zoo_until_contract(zoo_root, tmp_path, family, fmt, template, generation):
+@pytest.mark.parametrize("family,fmt,template,generation", ZOO_CASES)
+def test_zoo_builds_pass_verify_tokens(zoo_root, tmp_path, family, fmt, template, generation):
     zoo_build_passes(zoo_root, tmp_path, family, fmt, template, generation)
 
 

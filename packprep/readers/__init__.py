@@ -33,12 +33,13 @@ READERS = {"jsonl": jsonl, "json": json_array, "parquet": parquet, "arrow": arro
 _UNREADABLE = (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError)  # a file its reader cannot parse
 
 
-def read_task(task, batch_rows: int = 2048, rejects: list[Reject] | None = None) -> Iterator[Docs]:
+def read_task(task, batch_rows: int = 2048, rejects: list[Reject] | None = None, render=None) -> Iterator[Docs]:
     """The task's documents, in file order, in batches of at most batch_rows.
 
     A bad record raises RecordError (file, line/row, reason); given a `rejects` list, it is appended there and
     reading goes on. Fast path: the reader's table is checked column by column (types, nulls, UTF-8); only a part
-    that fails those checks is read again record by record, in Python, to find the bad ones.
+    that fails those checks is read again record by record, in Python, to find the bad ones. `render`: see
+    `records.to_docs` (chats through the template, record by record).
     """
     seen = 0  # records of this task so far
     with open_task(task) as f:
@@ -46,7 +47,7 @@ def read_task(task, batch_rows: int = 2048, rejects: list[Reject] | None = None)
             n = records.num_rows if isinstance(records, pa.Table) else len(records)
             for off in range(0, n, batch_rows):
                 yield to_docs(records[off : off + batch_rows], task, seen + off, lambda i, o=off: locate(o + i),
-                              rejects)
+                              rejects, render)
             seen += n
 
 
