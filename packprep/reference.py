@@ -309,7 +309,7 @@ def read_records(manifest: dict, wanted: np.ndarray) -> dict[int, tuple[str, obj
     """doc id -> (kind, value, where): ("text", str) | ("pc", (prompt, completion)) | ("chat", messages) and
     "file record k", read again from the inputs the manifest records; raises ValueError when an input is gone or
     changed since the build."""
-    from packprep.inputs import DEFAULT_CORPUS, fingerprint, plan_tasks, stdlib_corpus
+    from packprep.inputs import DEFAULT_CORPUS, content_hash, fingerprint, plan_tasks, stdlib_corpus
 
     cfg, files = manifest["config"], manifest["inputs"]["files"]
     recorded = {f[0]: f[1:] for s in manifest["inputs"]["specs"] for f in s.get("files", ())}
@@ -332,8 +332,8 @@ def read_records(manifest: dict, wanted: np.ndarray) -> dict[int, tuple[str, obj
             elif not path.is_file():
                 raise ValueError(f"input {path} is gone: verify --tokens reads the build's inputs again")
             elif path.stat().st_size != f["bytes"] or (str(path) in recorded and recorded[str(path)][1]
-                                                         != path.stat().st_mtime_ns):
-                raise ValueError(f"input {path} changed since the build (size or mtime): its records may not be "
+                                                         != content_hash(path)):
+                raise ValueError(f"input {path} changed since the build (size or content): its records may not be "
                                  "the ones packed")
             tasks = plan_tasks([(path, f["kind"])], chunk_bytes=cfg["chunk_bytes"], format=f["format"],
                                text_field=cfg.get("text_field"), prompt_field=cfg.get("prompt_field"),
