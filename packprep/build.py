@@ -16,31 +16,30 @@ int32 length array (4 bytes per document) and the plan (~40 bytes per piece); wo
 
 from __future__ import annotations
 
-import shutil
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-import packprep
-from packprep import layout, mixture, remote, spool, storage, workdir
+from packprep import layout, manifest, mixture, remote, spool, storage, workdir
 from packprep.config import BuildConfig
 from packprep.executor import Executor, LocalExecutor, make_executor
 from packprep.inputs import (
     DEFAULT_CORPUS,
     TASK_PLAN_VERSION,
-    changed_inputs,
     check_apart,
+    check_unchanged,
     expand_inputs,
-    file_size,
     fingerprint,
+    log_expansion,
     plan_tasks,
     resolve_inputs,
     stdlib_corpus,
 )
 from packprep.report import Progress
-from packprep.shards import FORMAT_MINOR, FORMAT_VERSION, MANIFEST, write_hf_metadata, write_json_atomic
+from packprep.shards import write_hf_metadata
 from packprep.tiktoken_backend import choose_backend
 from packprep.tokenizer import (
     TokenizeContext,
@@ -52,7 +51,7 @@ from packprep.tokenizer import (
     tokenizer_sha256,
 )
 from packprep.workdir import kill_hook
-from packprep.write import WriteContext, dataset_fingerprint, shard_done, write_rejects, write_shard_task
+from packprep.write import WriteContext, dataset_fingerprint, repair_shards, shard_done, write_rejects, write_shard_task
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def build(config: BuildConfig, progress: Progress | None = None, executor: Execu
         with workdir.locked(out):
             result = _build(config, progress, executor, out, url)
         if url and not result.already_built:
-            _clean_local(out, config)
+            remote.clean_local(out, config.work_dir)
         return result
     finally:
         if own:
@@ -94,7 +93,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     if files:
         check_apart(inputs, files, out)
     if expansion:
-        _log_expansion(progress, expansion)
+        log_expansion(progress, expansion)
     fingerprints = [fingerprint(s) for s in inputs]  # content hashes: a rewritten input is another build
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
     if url and (published := remote.check(url, ident, config.overwrite)) is not None:
@@ -102,9 +101,9 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     previous = workdir.check_out(out, config, ident)
     if previous is not None:
         if url:  # finished here, killed while publishing
-            _publish(remote.Uploader(url, out, ident), out, previous)
+            remote.publish(remote.Uploader(url, out, ident), out, previous)
             return BuildResult(url, previous)
-        _check_finished(out, previous, config, progress)
+        repair_shards(out, previous, config, progress.log)
         workdir.finish(out)  # a build killed after its manifest, before its work folder was removed
         return BuildResult(out, previous, already_built=True)
     resumed = workdir.prepare(out, ident, config.overwrite, progress)
@@ -151,9 +150,9 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
                 bar.advance(1, docs=r.docs, tokens=r.tokens)
                 kill_hook(f"tokenize:{n}")
     except (ValueError, OSError):  # an input truncated under a reader reads as a bad record or a dead worker
-        _check_unchanged(fingerprints)
+        check_unchanged(fingerprints)
         raise
-    _check_unchanged(fingerprints)  # a second hash pass: what was read is what the identity names
+    check_unchanged(fingerprints)  # a second hash pass: what was read is what the identity names
     timings["tokenize"] = time.perf_counter() - t
 
     # layout: lengths -> long-doc policy -> pack -> row order, saved for the write tasks (reused on resume)
@@ -214,57 +213,20 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     timings["total"] = time.perf_counter() - t0
     counts["rejected_reasons"] = write_rejects(out, spool_dir, results)
     counts["label_tokens"] = sum(s["label_tokens"] for s in shards)
-    for note in ("special_in_text", "no_assistant"):  # documents holding special-token strings; chats with no loss
-        counts[note] = sum(r.notes.get(note, 0) for r in results)
-    if counts["special_in_text"]:
-        progress.log(f"warning: {counts['special_in_text']} documents hold special-token strings in their text "
-                     f"(parsed as special tokens, HF's default; --special-tokens-in-text literal keeps them text)"
-                     if config.special_tokens_in_text == "parse" else
-                     f"note: {counts['special_in_text']} documents hold special-token strings, encoded as text")
+    manifest.note_counts(counts, results, config.special_tokens_in_text, progress.log)
 
     # manifest: last; a folder without it is an unfinished build
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "format_minor": FORMAT_MINOR,
-        "packprep_version": packprep.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {**config.to_dict(), "storage_options": storage.redacted(config.storage_options)},
-        "tokenizer": {"name": config.tokenizer, "sha256": tokenizer_sha256(tok_dir), "vocab_size": tok.vocab_size,
-                      "eos_id": tok.eos_id, "backend": backend, "backend_reason": backend_why},
-        "inputs": _input_records(fingerprints, files, tasks, results, expansion),
-        "seq_len": config.seq_len,
-        "strategy": config.strategy,
-        "seed": config.seed,
-        "shuffle": config.shuffle,
-        "counts": counts,
-        "packing": stats,
-        "shards": shards,
-        "fingerprint": data_fingerprint,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "resumed": reused if resumed else None,  # finished work an earlier, interrupted run left and this one reused
-    }
-    write_json_atomic(out / MANIFEST, manifest)
+    tokenizer = {"name": config.tokenizer, "sha256": tokenizer_sha256(tok_dir), "vocab_size": tok.vocab_size,
+                 "eos_id": tok.eos_id, "backend": backend, "backend_reason": backend_why}
+    record = manifest.input_records(fingerprints, files, tasks, results, expansion)
+    done = manifest.write(out, config, tokenizer, record, counts, stats, shards, data_fingerprint, timings,
+                          reused if resumed else None)
     spool.delete(spool_dir)
     if uploader:
-        _publish(uploader, out, manifest)
-        return BuildResult(url, manifest)
+        remote.publish(uploader, out, done)
+        return BuildResult(url, done)
     workdir.finish(out)
-    return BuildResult(out, manifest)
-
-
-def _log_expansion(progress: Progress, expansion) -> None:
-    """The files taken, and each one left out with its reason (also in the manifest); silent when none was."""
-    if not expansion.ignored:
-        return
-    left = "".join(f"\n  left out {p}: {why}" for p, why in expansion.ignored)
-    progress.log(f"inputs: {len(expansion.files)} file(s) taken, {len(expansion.ignored)} left out{left}")
-
-
-def _check_unchanged(fingerprints: list[dict]) -> None:
-    changed = changed_inputs(fingerprints)
-    if changed:
-        raise ValueError(f"input changed while the build read it: {'; '.join(changed[:3])}; rerun when the input is "
-                         "final (--overwrite builds from its new content)")
+    return BuildResult(out, done)
 
 
 def _load_tokenizer(tok_dir: Path, config: BuildConfig, tasks) -> tuple[str, str, Tokenizer]:
@@ -273,64 +235,11 @@ def _load_tokenizer(tok_dir: Path, config: BuildConfig, tasks) -> tuple[str, str
     try:
         backend, why = choose_backend(tok_dir, config.tokenizer_backend, tasks, config.special_tokens_in_text)
         return backend, why, Tokenizer(tok_dir, backend, config.special_tokens_in_text)
-    except (ValueError, ImportError, OSError):
-        raise
+    except (ValueError, ImportError, OSError) as e:
+        if not isinstance(e, json.JSONDecodeError):
+            raise
+        reason = str(e)
     except Exception as e:  # the tokenizers library raises a bare Exception on a truncated or foreign file
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{tok_dir}: cannot load the tokenizer ({reason}); is tokenizer.json complete and valid "
-                         "JSON? Copy it again or pass another --tokenizer") from None
-
-
-def _check_finished(out: Path, manifest: dict, config: BuildConfig, progress: Progress) -> None:
-    """A finished build's shards are what its manifest records (sizes; sha256 with --check full). A bad one is
-    rewritten from the spool when a build killed before deleting it left it, else refused in one line."""
-    bad = workdir.check_shards(out, manifest, config.check == "full")
-    if not bad:
-        return
-    work = workdir.path(out)
-    if (work / "spool").is_dir() and layout.saved(work / "layout") is not None:
-        names = [s["file"] for s in manifest["shards"]]
-        wctx = WriteContext.plan(out, work, manifest["counts"]["rows"], config.rows_per_shard, config.seq_len)
-        for problem in bad:
-            k = names.index(problem.split(":")[0])
-            (work / "shards" / f"s{k:05d}.done.json").unlink(missing_ok=True)
-            write_shard_task(k, wctx)
-            progress.log(f"{problem}: rewritten from the spool")
-        bad = workdir.check_shards(out, manifest, True)
-        if not bad:
-            return
-    raise ValueError(f"{out} holds this build, but {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; rerun "
-                     "with --overwrite to rebuild it (packprep verify lists every problem)")
-
-
-def _publish(uploader: remote.Uploader, out: Path, manifest: dict) -> None:
-    """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
-    with uploader:
-        for s in manifest["shards"]:
-            uploader.shard(s["file"])
-        uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
-
-
-def _clean_local(out: Path, config: BuildConfig) -> None:
-    """A published build's local copy goes: the default work folder whole, a --work-dir's build files."""
-    if not config.work_dir:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    workdir.finish(out)
-    for p in [*out.glob("data-*-of-*.arrow"), *(out / n for n in ("state.json", "dataset_info.json", MANIFEST,
-                                                                  "rejects.jsonl"))]:
-        p.unlink(missing_ok=True)
-
-
-def _input_records(fingerprints, files, tasks, results, expansion=None) -> dict:
-    """{"specs": what was asked for (path, size, content hash of each file), "files": per file kind, format, docs,
-    "ignored": each file a folder or glob held that was left out, with the reason}."""
-    docs: dict[str, int] = {}
-    fmt: dict[str, str] = {}
-    for task, r in zip(tasks, results):
-        docs[task.path] = docs.get(task.path, 0) + r.docs
-        fmt[task.path] = task.format.name
-    return {"specs": fingerprints,
-            "files": [{"path": str(f), "kind": k, "format": fmt.get(str(f)), "docs": docs.get(str(f), 0),
-                       "bytes": file_size(f)} for f, k in files],
-            "ignored": [{"path": p, "reason": why} for p, why in (expansion.ignored if expansion else [])]}
+    raise ValueError(f"{tok_dir}: cannot load the tokenizer ({reason}); is tokenizer.json complete and valid JSON? "
+                     "Copy it again or pass another --tokenizer")

@@ -330,3 +330,19 @@ def stdlib_corpus(out: Path) -> Path:
     pq.write_table(pa.table({"text": texts}), tmp, row_group_size=512)
     tmp.replace(out)
     return out
+
+
+def log_expansion(progress, expansion: Expansion) -> None:
+    """The files taken, and each one left out with its reason (also in the manifest); silent when none was."""
+    if not expansion.ignored:
+        return
+    left = "".join(f"\n  left out {p}: {why}" for p, why in expansion.ignored)
+    progress.log(f"inputs: {len(expansion.files)} file(s) taken, {len(expansion.ignored)} left out{left}")
+
+
+def check_unchanged(fingerprints: list[dict]) -> None:
+    """Raise when an input's size or content differs from its fingerprint (read while the build ran)."""
+    changed = changed_inputs(fingerprints)
+    if changed:
+        raise ValueError(f"input changed while the build read it: {'; '.join(changed[:3])}; rerun when the input is "
+                         "final (--overwrite builds from its new content)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -209,3 +210,24 @@ def receive(shipped_result, spool_dir: Path):
         with atomic_file(Path(spool_dir) / name) as f:
             f.write(files[name])
     return result
+
+
+def publish(uploader: Uploader, out: Path, manifest: dict) -> None:
+    """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
+    with uploader:
+        for s in manifest["shards"]:
+            uploader.shard(s["file"])
+        uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
+
+
+def clean_local(out: Path, work_dir: str | None) -> None:
+    """A published build's local copy goes: the default work folder whole, a --work-dir's build files."""
+    if not work_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    from packprep import workdir
+
+    workdir.finish(out)
+    for p in [*out.glob("data-*-of-*.arrow"), *(out / n for n in ("state.json", "dataset_info.json", MANIFEST,
+                                                                  "rejects.jsonl"))]:
+        p.unlink(missing_ok=True)

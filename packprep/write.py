@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packprep import layout, spool
+from packprep import layout, spool, workdir
 from packprep.mixture import batch_tokens
 from packprep.shards import atomic_file, make_batch, shard_name, write_json_atomic, write_shard
 from packprep.workdir import kill_hook
@@ -147,3 +147,25 @@ def write_rejects(out: Path, spool_folder: Path, results: list[spool.TaskResult]
             if r.rejected:
                 spool.copy_rejects(spool_folder, r.index, f)
     return dict(sorted(reasons.items()))
+
+
+def repair_shards(out: Path, manifest: dict, config, log) -> None:
+    """A finished build's shards are what its manifest records (sizes; sha256 with --check full). A bad one is
+    rewritten from the spool when a build killed before deleting it left it, else refused in one line."""
+    bad = workdir.check_shards(out, manifest, config.check == "full")
+    if not bad:
+        return
+    work = workdir.path(out)
+    if (work / "spool").is_dir() and layout.saved(work / "layout") is not None:
+        names = [s["file"] for s in manifest["shards"]]
+        wctx = WriteContext.plan(out, work, manifest["counts"]["rows"], config.rows_per_shard, config.seq_len)
+        for problem in bad:
+            k = names.index(problem.split(":")[0])
+            (work / "shards" / f"s{k:05d}.done.json").unlink(missing_ok=True)
+            write_shard_task(k, wctx)
+            log(f"{problem}: rewritten from the spool")
+        bad = workdir.check_shards(out, manifest, True)
+        if not bad:
+            return
+    raise ValueError(f"{out} holds this build, but {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; rerun "
+                     "with --overwrite to rebuild it (packprep verify lists every problem)")
