@@ -7,7 +7,8 @@ compare against.
 
 usage: git worktree add --detach /tmp/v0 71937d8
        python benchmarks/bench_versions.py --version before=/tmp/v0 --version after=. [--scale 10] [--rounds 2]
-           [--extra-after "--tokenizer-backend tiktoken"] [--json out.json]
+           [--extra "after=--tokenizer-backend tiktoken"] [--json out.json]
+       (the same tree may appear twice under two names with different --extra flags)
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--no-raw", action="store_true", help="skip the raw HF tokenizer program")
-    for name in ("before", "after"):
-        ap.add_argument(f"--extra-{name}", default="", help=f"extra build flags for the version named {name}")
+    ap.add_argument("--extra", action="append", default=[], help="NAME=FLAGS: extra build flags for one version")
     ap.add_argument("--json")
     a = ap.parse_args()
     versions = dict(v.split("=", 1) for v in a.version)
+    extras = dict(e.split("=", 1) for e in a.extra)
     corpus = bb.make_corpus(a.scale)
     if not (bb.TOKENIZER / "tokenizer.json").exists():
         subprocess.run([sys.executable, str(bb.ROOT / "benchmarks" / "make_qwen_tokenizer.py")], check=True)
@@ -68,7 +69,7 @@ def main() -> None:
     runs["raw-hf-tokenizer"] = []
     for rnd in range(a.rounds):
         for name, tree in versions.items():
-            extra = shlex.split(getattr(a, f"extra_{name}", "") or "")
+            extra = shlex.split(extras.get(name, ""))
             r = build(Path(tree), corpus, bb.CACHE / f"out_versions_{name}", a.workers, extra)
             runs[name].append(r)
             print(f"  round {rnd} {name:>8}: wall {r['wall']:7.2f}s  peak RSS {r['rss_mb']:5.0f} MB  "
