@@ -20,6 +20,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[], help="NAME=FLAGS: extra build flags for one version")
     ap.add_argument("--json")
     a = ap.parse_args()
+    os.chdir(tempfile.gettempdir())  # `python -m` puts the working directory first on sys.path, before PYTHONPATH
     versions = dict(v.split("=", 1) for v in a.version)
     extras = dict(e.split("=", 1) for e in a.extra)
     corpus = bb.make_corpus(a.scale)
