@@ -76,3 +76,14 @@ def read_docs(out: Path) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
             for a, b, d in zip(offs[:-1], offs[1:], dids):
                 docs.setdefault(d, []).append((np.array(ids[a:b]), np.array(mask[a:b])))
     return docs
+
+
+def docs_of(tasks) -> list:
+    """Every document of the read tasks, in order (texts, chats or (prompt, completion) pairs)."""
+    from packprep.readers import read_task
+
+    out = []
+    for t in tasks:
+        for d in read_task(t, batch_rows=7):
+            out += d.texts or d.chats or list(zip(d.prompts, d.completions))
+    return out

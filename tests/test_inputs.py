@@ -7,18 +7,10 @@ import json
 import os
 
 import pytest
-from build_fixtures import texts
+from build_fixtures import docs_of, texts
 
 from packprep.inputs import DEFAULT_CORPUS, content_hash, fingerprint, plan_tasks, resolve_inputs
 from packprep.readers import read_task
-
-
-def docs_of(tasks):
-    out = []
-    for t in tasks:
-        for d in read_task(t, batch_rows=7):
-            out += d.texts or d.chats or list(zip(d.prompts, d.completions))
-    return out
 
 
 def test_globs_folders_and_order(corpora, tmp_path):

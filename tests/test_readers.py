@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from build_fixtures import texts
+from build_fixtures import docs_of, texts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,14 +15,6 @@ from packprep._kernels import json_array_cuts
 from packprep.inputs import plan_tasks, resolve_inputs
 from packprep.readers import READERS, SUFFIXES, json_array, read_task
 from packprep.readers.base import open_input
-
-
-def docs_of(tasks):
-    out = []
-    for t in tasks:
-        for d in read_task(t, batch_rows=7):
-            out += d.texts or d.chats or list(zip(d.prompts, d.completions))
-    return out
 
 
 def test_every_suffix_has_a_reader_with_the_one_signature():
