@@ -202,7 +202,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
             bar.advance(1, rows=info["rows"], tokens=info["tokens"])
             kill_hook(f"write:{n}")
             if uploader:
-                uploader.shard(info["file"])
+                uploader.shard(info)
                 kill_hook(f"upload:{n}")  # test hook: dies with uploads in flight
     counts["loss_tokens"] = sum(s["loss_tokens"] for s in shards)
     if config.sources:

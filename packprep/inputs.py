@@ -44,7 +44,7 @@ from packprep.readers.base import first_line, open_input
 from packprep.records import Format, resolve_format
 
 DEFAULT_CORPUS = "python-stdlib"  # the input name of the embedded default corpus
-TASK_PLAN_VERSION = 2  # part of a build's identity: spool files of another plan are never reused
+TASK_PLAN_VERSION = 3  # part of a build's identity: spool files of another plan are never reused
 TAIL_CHUNKS, TAIL_SPLIT = 2, 4  # the last 2 chunks' worth of JSONL input is cut into quarter chunks
 
 
@@ -269,7 +269,7 @@ def plan_tasks(files: list[tuple[Path, str]], *, chunk_bytes: int, format: str =
             with open_input(path) as f:
                 kind = "json" if json_array.is_array(f) else "jsonl"
         try:
-            with open_input(path, mmap=kind == "arrow") as f:
+            with open_input(path) as f:
                 schema, ranges = READERS[kind].plan(f, path, chunk_bytes)
             if schema is not None and kind == "jsonl" and compressed.codec(str(path)):
                 ranges = compressed.line_ranges(str(path), chunk_bytes, lambda a, b: open_input(path, a, b))

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from packprep import storage
 from packprep.config import BuildConfig, Source
 from packprep.inputs import ReadTask, plan_tasks, resolve_inputs
 
@@ -65,10 +66,18 @@ def resolve(sources: tuple[Source, ...]) -> list[list[tuple[Path, str]]]:
     owner: dict[str, int] = {}
     for i, fs in enumerate(files):
         for f, _ in fs:
-            j = owner.setdefault(str(Path(f).resolve()), i)
+            j = owner.setdefault(_same_file_key(f), i)
             if j != i:
                 raise ValueError(f"{f} is in [[sources]] #{j + 1} and #{i + 1}; give each file to one source")
     return files
+
+
+def _same_file_key(f) -> str:
+    """One key per file however it is named: a local path resolved (links, '..'); a URL in its filesystem's canonical
+    form ('s3a://corp/a.jsonl' is 's3://corp/a.jsonl'), its key kept as it is ('a//b' and 'a/b' are two objects)."""
+    if not storage.is_remote(f):
+        return str(Path(f).resolve())
+    return storage.url(*storage.filesystem(f))
 
 
 def plan(sources: tuple[Source, ...], files: list, chunk_bytes: int) -> tuple[list[ReadTask], np.ndarray]:

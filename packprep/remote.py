@@ -3,18 +3,25 @@ published object by object, with the manifest last.
 
     local = work_dir(config)                       # --work-dir, or <tmp>/packprep-work/<sha of the URL>
     previous = check(url, ident, overwrite)         # a finished remote build of the same identity -> its manifest
-    with Uploader(url, local) as up:                # .packprep-build.json (the identity) goes up first
-        up.shard("data-00000-of-00004.arrow")       # each finished shard, in the background, under its final name
+    with Uploader(url, local, ident) as up:         # .packprep-build.json (the identity) goes up first
+        up.shard(info)                              # each finished shard ({"file", "bytes", "sha256"}), in the
+                                                    # background, under its final name; then the progress record
         up.finish(["state.json", ...])              # waits for the shards, then metadata, then packprep.json
 
-The remote manifest is the commit point, as the local one is: a prefix without it is unfinished. A rerun of a killed
-build resumes from the local work folder (`workdir`) and skips every shard whose object already has the local
-file's size, so finished shards are not uploaded again and a half-uploaded object (a store that shows partial
-writes) is overwritten. Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the
-build's files to a local cache once (skipping files already there with their size); `datasets.load_from_disk(url,
-storage_options=...)` reads the prefix through fsspec directly. With Ray, `Shipped` moves tokenize outputs back to
-the driver through Ray's object store, so a cluster needs no shared filesystem. Costs: one upload per output file
-(4 in flight), a listing and a stat per shard on start.
+The remote manifest is the commit point, as the local one is: a prefix without it is unfinished. After each finished
+shard upload, .packprep-progress.json (next to the shards) records it: {"build": sha256 of the identity, "shards":
+{name: {"bytes", "sha256"}}}. A rerun of a killed build, on this host (its --work-dir resumes the tokenize and write
+stages) or on a fresh one (an empty --work-dir: it tokenizes, packs and writes the shards again, locally, which is
+the whole build's cost but the uploads), skips a shard only when its record has this build's fingerprint, the
+sha256 and size of the bytes just written, and the object has that size; every other object is uploaded again, so a
+half-uploaded one is overwritten. Once the manifest is up the record is removed (and ignored where a kill left it).
+
+Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the build's files to a local
+cache once (skipping files already there with their size); `datasets.load_from_disk(url, storage_options=...)` reads
+the prefix through fsspec directly. With Ray, `Shipped` moves tokenize outputs back to the driver through Ray's object
+store, so a cluster needs no shared filesystem. Costs: one upload per output file (4 in flight), a listing and one
+small read on start, and one rewrite of the progress record per shard (~100 bytes per recorded shard: a few MB per
+rewrite at 10k shards of 256 MB).
 """
 
 from __future__ import annotations
@@ -25,15 +32,18 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from packprep import storage
 from packprep.shards import MANIFEST
+from packprep.workdir import kill_hook
 
 IDENTITY = ".packprep-build.json"  # the identity of the build being published (removed once the manifest is up)
-OURS = {MANIFEST, "state.json", "dataset_info.json", "rejects.jsonl", IDENTITY}
+PROGRESS = ".packprep-progress.json"  # the shards whose upload finished (removed once the manifest is up)
+OURS = {MANIFEST, "state.json", "dataset_info.json", "rejects.jsonl", IDENTITY, PROGRESS}
 
 
 def work_dir(config) -> Path:
@@ -86,16 +96,32 @@ def check(url: str, ident: dict, overwrite: bool) -> dict | None:
 
 
 class Uploader:
-    """Publishes a local build folder to `url`: shards as they finish (4 uploads in flight), the manifest last."""
+    """Publishes a local build folder to `url`: shards as they finish (4 uploads in flight), each recorded in the
+    progress record once up, the manifest last."""
 
     def __init__(self, url: str, local: Path, ident: dict):
         self.fs, self.root, self.local = *storage.filesystem(url), Path(local)
         self.fs.makedirs(self.root, exist_ok=True)
         self.there = _names(self.fs, self.root)
+        self.build = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        self.done = self._recorded()
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="upload")
-        self.pending, self.sent = [], set()
+        self.pending, self.sent, self.lock = [], set(), threading.Lock()
         with self.fs.open(storage.join(self.root, IDENTITY), "w") as f:
             json.dump(ident, f)
+
+    def _recorded(self) -> dict[str, dict]:
+        """The progress record's shards of this build whose objects have the recorded size ({} when there is no
+        record, it is another build's or unreadable, or the manifest is already up)."""
+        if PROGRESS not in self.there or MANIFEST in self.there:
+            return {}
+        try:
+            record = json.loads(self.fs.cat_file(storage.join(self.root, PROGRESS)))
+            shards = record["shards"] if record["build"] == self.build else {}
+            return {n: {"bytes": int(v["bytes"]), "sha256": str(v["sha256"])} for n, v in shards.items()
+                    if self.there.get(n) == int(v["bytes"])}
+        except (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError):
+            return {}
 
     def __enter__(self) -> Uploader:
         return self
@@ -103,15 +129,32 @@ class Uploader:
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
 
-    def shard(self, name: str) -> None:
-        """Upload a finished local file under its own name, unless an object of its size is already there."""
-        if name in self.sent or self.there.get(name) == (self.local / name).stat().st_size:
+    def shard(self, info: dict) -> None:
+        """Upload a finished shard (`info`: its "file", "bytes" and "sha256") under its own name, unless the
+        progress record has it with those bytes and the object has that size."""
+        name = info["file"]
+        if name in self.sent:
             return
         self.sent.add(name)
-        self.pending.append(self.pool.submit(self._put, name))
+        have = {"bytes": int(info["bytes"]), "sha256": info["sha256"]}
+        with self.lock:
+            if self.done.get(name) == have:
+                return
+            if self.done.pop(name, None) is not None:  # recorded with other bytes: not finished any more
+                self._save()
+        self.pending.append(self.pool.submit(self._put, name, have))
 
-    def _put(self, name: str) -> None:
+    def _put(self, name: str, record: dict | None = None) -> None:
         self.fs.put_file(str(self.local / name), storage.join(self.root, name))
+        if record is not None:
+            with self.lock:
+                self.done[name] = record
+                self._save()
+            kill_hook(f"uploaded:{name}")  # test hook: dies with this shard recorded, others maybe in flight
+
+    def _save(self) -> None:
+        self.fs.pipe_file(storage.join(self.root, PROGRESS),
+                          json.dumps({"build": self.build, "shards": self.done}, sort_keys=True).encode())
 
     def finish(self, names: list[str]) -> None:
         """Wait for the shard uploads, then put `names` (metadata), then the manifest: the commit point."""
@@ -123,7 +166,11 @@ class Uploader:
         for n in stale:  # shards of an earlier, discarded run under other names (no manifest referenced them)
             self.fs.rm_file(storage.join(self.root, n))
         self._put(MANIFEST)
-        self.fs.rm_file(storage.join(self.root, IDENTITY))
+        for n in (IDENTITY, PROGRESS):
+            try:
+                self.fs.rm_file(storage.join(self.root, n))
+            except FileNotFoundError:  # no shard was uploaded: no record
+                pass
 
 
 def stage(url: str, cache: str | Path | None = None) -> Path:
@@ -144,7 +191,8 @@ def stage(url: str, cache: str | Path | None = None) -> Path:
     except (OSError, ValueError, KeyError):
         same = False
     for name, size in names.items():
-        if name == IDENTITY or (same and (local / name).is_file() and (local / name).stat().st_size == size):
+        if name in (IDENTITY, PROGRESS) or (same and (local / name).is_file()
+                                            and (local / name).stat().st_size == size):
             continue
         part = local / f"{name}.part{os.getpid()}"  # ranks of one job may stage the same build at once
         fs.get_file(storage.join(root, name), str(part))
@@ -216,7 +264,7 @@ def publish(uploader: Uploader, out: Path, manifest: dict) -> None:
     """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
     with uploader:
         for s in manifest["shards"]:
-            uploader.shard(s["file"])
+            uploader.shard(s)
         uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
 
 

@@ -8,7 +8,9 @@ template, plain and with {% generation %} markers), the documents read back from
     wherever `tokenizer(prompt)` is a prefix of the pair's tokens, and starts at the completion's first character;
   - chat, ShareGPT: `apply_chat_template(messages)` exactly, and the loss mask equals transformers'
     `assistant_masks` (return_assistant_tokens_mask) of the template with markers, for the plain template too
-    (same text, same tokens: the turn-by-turn location must find exactly what the markers mark).
+    (same text, same tokens: the turn-by-turn location must find exactly what the markers mark), and equals the
+    labels of TRL's own preparation with `assistant_only_loss=True` (which accepts only the marked template);
+    TRL refuses a conversation without an assistant turn, packprep keeps it with no loss.
 Byte-level families are built again with the tiktoken backend: the shards must be byte-identical (same sha256).
 Cost: one build per (family, template, markers) plus one per family for the non-chat formats, small corpora.
 """
@@ -188,6 +190,63 @@ def test_chat_and_sharegpt(built, zoo_root, family, template):
             _count("masks compared")
             _count("masks compared with transformers' assistant_masks")
         _count("builds")
+
+
+def _sharegpt(conv: list[dict], names: dict | None = None) -> list[dict]:
+    return [{"from": (names or {}).get(m["role"], m["role"]), "value": m["content"]} for m in conv]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_masks_equal_trl_assistant_only_loss(built, zoo_root, family, template, tmp_path):
+    """TRL's own preparation (`SFTTrainer(..., SFTConfig(assistant_only_loss=True))` on a tiny random model) of the
+    chat and ShareGPT records: TRL accepts the template with {% generation %} markers (and trains the end-of-turn
+    marker by its own check), and refuses the plain one. Its labels carry loss exactly where packprep's loss mask
+    does, for the builds with the marked template and with the plain one. The one deliberate difference: a
+    conversation without an assistant turn, which TRL refuses (RuntimeError) and packprep keeps with no loss
+    tokens (counted as `no_assistant`; `--on-error skip` sets it aside). packprep's ShareGPT records use ShareGPT's
+    role names (human, gpt); TRL's conversion keeps `from` as the role, so it is given user/assistant (and refuses
+    human/gpt: no assistant turn)."""
+    trl = pytest.importorskip("trl")
+    import jinja2
+    from datasets import Dataset
+    from test_trl import tiny_model
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
+
+    results, _ = built
+    marked = transformers.AutoTokenizer.from_pretrained(str(zoo_tokenizer(zoo_root, family, template, True)))
+    plain = transformers.AutoTokenizer.from_pretrained(str(zoo_tokenizer(zoo_root, family, template, False)))
+    assert get_training_chat_template(marked) is None and is_chat_template_stop_token_trained(marked)
+    with pytest.raises(ValueError):
+        get_training_chat_template(plain)  # no markers, not one of TRL's known templates: assistant_only_loss refuses
+    convs = conversations(template)
+    answered = [k for k, c in enumerate(convs) if any(m["role"] == "assistant" for m in c)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=None, report_to=[],
+                         use_cpu=True, save_strategy="no")
+    trainer = trl.SFTTrainer(tiny_model(len(marked)), args=args, processing_class=marked,
+                             train_dataset=Dataset.from_list([{"messages": convs[k]} for k in answered]))
+
+    def prepare(records: list[dict]):
+        return trainer._prepare_dataset(Dataset.from_list(records), marked, args, False, None, "more")
+
+    sharegpt = prepare([{"conversations": _sharegpt(convs[k])} for k in answered])  # TRL's own from/value names
+    with pytest.raises((RuntimeError, jinja2.TemplateError)):  # TRL keeps ShareGPT's "gpt" as the role: no
+        # assistant turn, or a template that checks the roles refuses the conversation
+        prepare([{"conversations": _sharegpt(convs[k], {"user": "human", "assistant": "gpt"})} for k in answered])
+    for markers in (False, True):
+        docs = results[(family, template, markers, "hf")][1]
+        for prepared, ours in ((trainer.train_dataset, docs[: len(convs)]), (sharegpt, docs[len(convs):])):
+            assert len(prepared) == len(answered)
+            for row, k in zip(prepared, answered):
+                ids, mask = ours[k]
+                assert list(row["input_ids"]) == ids, (family, template, markers, k)
+                assert [int(x != -100) for x in row["labels"]] == mask, (family, template, markers, k, marked.decode(
+                    [i for i, m in zip(ids, mask) if m]))
+                _count("masks compared with TRL's assistant_only_loss labels")
+        for k in set(range(len(convs))) - set(answered):  # kept, in chat and in ShareGPT, with no loss token
+            assert docs[k][0] and not any(docs[k][1]) and not any(docs[len(convs) + k][1])
+    with pytest.raises(RuntimeError, match="no assistant tokens"):
+        prepare([{"messages": c} for k, c in enumerate(convs) if k not in answered])
 
 
 @pytest.mark.parametrize("family", BYTE_LEVEL)

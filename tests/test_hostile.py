@@ -153,6 +153,41 @@ def test_input_truncated_during_the_build_is_an_error(tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "packprep.json").exists()
 
 
+TRUNCATE_WHILE_READING = """
+import sys, packprep.readers.arrow as arrow
+from packprep.cli import app
+real = arrow.read
+def read(f, task):  # the first task cuts its file after its first record batch, while its reader holds it open
+    for n, part in enumerate(real(f, task)):
+        yield part
+        if n == 0 and task.index == 0:
+            with open(sys.argv[1], "r+b") as g:
+                g.truncate(int(sys.argv[2]))
+arrow.read = read
+app(["build", sys.argv[1], "--out", sys.argv[3], "--workers", "1", "--seq-len", "64", "--chunk-bytes", "20000", "-q"])
+"""
+
+
+@pytest.mark.parametrize("writer", ["new_stream", "new_file"])
+def test_arrow_input_truncated_during_the_build_is_one_line(tmp_path, writer):
+    """A memory-mapped Arrow input cut under its reader was a SIGBUS: with --workers 1 the process died without a
+    line. Run in a child, so that a SIGBUS fails this test instead of killing the test session."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "a.arrow"
+    table = pa.table({"text": texts(3000, 5)})
+    with getattr(pa.ipc, writer)(src, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=20):  # ~4 KB batches: the first task holds several
+            w.write_batch(batch)
+    r = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_READING, str(src), "8000", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "a.arrow" in err[0] and "changed" in err[0], err
+    assert not (tmp_path / "o" / "packprep.json").exists()
+
+
 # ------------------------------------------------------------------------ 4. --overwrite and nested folders
 
 

@@ -6,14 +6,13 @@ A reader (one module per file format, listed in `packprep.readers.READERS`) is t
                                                   # task ranges: [(start, stop), ...] in the reader's own unit
     for part in read(f, task): ...                # Part(records, locate, fallback) for task.start..task.stop
 
-`f` comes from `open_input(path)`, the one place a path becomes bytes: a seekable pyarrow NativeFile (a memory map
-for a local file, read by copying into memory (a file truncated under a reader gives short reads, caught as a changed
-input, never a SIGBUS; Arrow IPC streams are memory-mapped: `mmap=True`); `pa.PythonFile` around an fsspec file for a
-URL, read ahead in blocks), or for a compressed file an unseekable stream of the decompressed bytes
-(`readers.compressed`), which a reader plans as one whole-stream range. A compressed JSON lines file made of
-independent members (zstd frames, bgzip blocks) is cut between them: its task's range is then a compressed byte
-range, and `open_task` opens just those members. Error-path helpers take the path and open their own handle, so
-they never move a reader's position.
+`f` comes from `open_input(path)`, the one place a path becomes bytes: a seekable pyarrow NativeFile (a local file,
+read by copying into memory, never memory-mapped: a file truncated under a reader gives short reads, caught as a
+changed input, never a SIGBUS; `pa.PythonFile` around an fsspec file for a URL, read ahead in blocks), or for a
+compressed file an unseekable stream of the decompressed bytes (`readers.compressed`), which a reader plans as one
+whole-stream range. A compressed JSON lines file made of independent members (zstd frames, bgzip blocks) is cut
+between them: its task's range is then a compressed byte range, and `open_task` opens just those members. Error-path
+helpers take the path and open their own handle, so they never move a reader's position.
 """
 
 from __future__ import annotations
@@ -30,16 +29,13 @@ from packprep.readers import compressed
 PEEK_BYTES, PEEK_LINES = 1 << 16, 100  # format detection reads the union of the first records' fields
 
 
-def open_input(path, start: int = 0, stop: int | None = None, *, seekable: bool = False,
-               mmap: bool = False) -> pa.NativeFile:
+def open_input(path, start: int = 0, stop: int | None = None, *, seekable: bool = False) -> pa.NativeFile:
     """A readable byte stream over one input file: seekable, unless the file is compressed (then the decompressed
     bytes of its members in compressed bytes [start, stop), or of all of it). seekable=True decompresses a
-    compressed file into memory (JSON arrays and the error path, which must seek). mmap=True (Arrow IPC streams,
-    whose tasks walk the earlier batches' headers) maps a local file instead of copying: zero-copy, but a truncation
-    kills the worker (reported as a dead worker; the rerun's content hash names the changed file)."""
+    compressed file into memory (JSON arrays and the error path, which must seek)."""
     path = str(path)
     name = compressed.codec(path)
-    raw = _open_raw(path, 8 << 20 if name else 256 << 10, mmap)
+    raw = _open_raw(path, 8 << 20 if name else 256 << 10)
     if name is None:
         return raw
     if start or stop is not None:
@@ -52,20 +48,20 @@ def open_input(path, start: int = 0, stop: int | None = None, *, seekable: bool 
     return f
 
 
-def _open_raw(path: str, read_ahead: int, mmap: bool = False) -> pa.NativeFile:
-    """A local file (copying reads, or a memory map), or a remote file read ahead by `read_ahead` bytes past each
-    request (a task's range is one request; a decompressing stream's many small reads need a large read-ahead)."""
+def _open_raw(path: str, read_ahead: int) -> pa.NativeFile:
+    """A local file (copying reads), or a remote file read ahead by `read_ahead` bytes past each request (a task's
+    range is one request; a decompressing stream's many small reads need a large read-ahead)."""
     if storage.is_remote(path):
         fs, p = storage.filesystem(path)
         return pa.PythonFile(fs.open(p, "rb", block_size=read_ahead, cache_type="readahead"), mode="r")
-    return pa.memory_map(path, "r") if mmap else pa.OSFile(path, "r")
+    return pa.OSFile(path, "r")
 
 
 def open_task(task) -> pa.NativeFile:
     """The file of a read task; for a cut compressed JSON lines file, only the task's members."""
     if task.kind == "jsonl" and compressed.codec(task.path) is not None:
         return open_input(task.path, task.start, task.stop)
-    return open_input(task.path, mmap=task.kind == "arrow")
+    return open_input(task.path)
 
 
 def read_head(f: pa.NativeFile, size: int = PEEK_BYTES) -> bytes:
