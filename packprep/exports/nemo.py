@@ -17,9 +17,10 @@ Containers (`container=`):
 packing_factor, packing_efficiency (as they compute it, on l_i - 1), pack_size (the build's seq_len),
 min_packed_seqlen.
 
-A --pad-docs-to-multiple N build is written as Megatron-Bridge's own context-parallel preparation writes it
+A --pad-docs-to-multiple N build is written as Megatron-Bridge 0.3's own context-parallel preparation writes it
 (`prepare_packed_sequence_data(pad_seq_to_mult=N)`: each document padded with EOS to ceil(l, N) + 1 tokens, the
-+1 because their loader drops each document's last token): every packprep slot (its real tokens, then padding)
++1 because their loader drops each document's last token; newer releases pad to ceil(l - 1, N) + 1, and their
+loader reads either, needing only segments of multiples of N): every packprep slot (its real tokens, then padding)
 with its padding turned into EOS, plus one EOS, loss 0 on all of them. Their loader (`GPTSFTPackedDataset`,
 `pad_seq_to_mult=N`) then trains on segments of exactly the slot lengths: `cu_seqlens` (`cu_seqlens_padded` in
 newer releases) = packprep's doc_offsets, and the real lengths it finds at each segment's last non-EOS token
