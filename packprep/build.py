@@ -189,7 +189,9 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
 
     # write: one task per shard, gathering its rows from the spool
     t = time.perf_counter()
-    wctx = WriteContext.plan(out, work, counts["rows"], config.rows_per_shard, config.seq_len, len(config.sources))
+    padding = layout.padding(config, tok)  # --pad-docs-to-multiple: the pad token (the tokenizer's, else EOS)
+    wctx = WriteContext.plan(out, work, counts["rows"], config.rows_per_shard, config.seq_len, len(config.sources),
+                             padding and padding["pad_id"])
     reused["shards"] = sum(shard_done(wctx, k) is not None for k in range(wctx.num_shards))
     if resumed:
         progress.log(f"resuming {out}: reusing {reused['tokenize_tasks']}/{len(tasks)} tokenize tasks, "
@@ -208,7 +210,8 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     if config.sources:
         mixture.add_loss_tokens(counts["sources"], shards)
     data_fingerprint = dataset_fingerprint(shards)
-    write_hf_metadata(out, [s["file"] for s in shards], data_fingerprint, description="packprep build")
+    write_hf_metadata(out, [s["file"] for s in shards], data_fingerprint, description="packprep build",
+                      padded=padding is not None)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     counts["rejected_reasons"] = write_rejects(out, spool_dir, results)
@@ -220,7 +223,7 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
                  "eos_id": tok.eos_id, "backend": backend, "backend_reason": backend_why}
     record = manifest.input_records(fingerprints, files, tasks, results, expansion)
     done = manifest.write(out, config, tokenizer, record, counts, stats, shards, data_fingerprint, timings,
-                          reused if resumed else None)
+                          reused if resumed else None, padding)
     spool.delete(spool_dir)
     if uploader:
         remote.publish(uploader, out, done)

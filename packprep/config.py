@@ -76,6 +76,10 @@ class BuildConfig:
     strategy: Strategy = setting("ffd", """Packing strategy (b2f: ffd + exact two-document repairs).""")
     long_docs: LongDocs = setting("truncate", """Documents longer than seq_len: truncate (keep the first seq_len
         tokens), split (pieces) or drop; each is counted.""")
+    pad_docs_to_multiple: int = setting(1, """Pad every document (every piece, with --long-docs split) with pad tokens
+        that carry no loss up to a multiple of N, for context parallelism (N = 2 x CP for Megatron/TransformerEngine
+        THD) or an FP8 granularity; packing uses the padded lengths. seq_len must be a multiple of N. 1: no
+        padding.""")
     workers: int = setting(doc="Worker processes for tokenizing and writing (default: all cores).",
                            factory=default_workers)
     seed: int = setting(0, "Seed for the row shuffle and the `random` strategy.")
@@ -122,6 +126,11 @@ class BuildConfig:
         if self.shard_rows is not None:
             _at_least("shard_rows", self.shard_rows, 1)
         _at_least("seed", self.seed, 0)
+        _at_least("pad_docs_to_multiple", self.pad_docs_to_multiple, 1)
+        if self.seq_len % self.pad_docs_to_multiple:
+            raise ValueError(f"seq_len {self.seq_len} is not a multiple of --pad-docs-to-multiple "
+                             f"{self.pad_docs_to_multiple}: a padded document of seq_len tokens would not fit a row; "
+                             "pick a seq_len that N divides")
         if self.seq_len > INT32_MAX:  # token offsets in a row are int32 (shards, spool, the packing kernels)
             raise ValueError(f"seq_len must be at most {INT32_MAX:,} (2**31 - 1), got {self.seq_len:,} (--seq-len)")
         if not self.out:
@@ -151,6 +160,8 @@ class BuildConfig:
         for k in ("workers", "chunk_bytes", "out", "overwrite", "check", "executor", "ray_address", "storage_options",
                   "work_dir", "tokenizer_backend"):
             d.pop(k)
+        if self.pad_docs_to_multiple == 1:  # unpadded builds keep the identity they had before the setting existed
+            d.pop("pad_docs_to_multiple")
         return d
 
 

@@ -16,6 +16,10 @@ row), so attention and position ids cross the documents packed in it.
 With `transformers.Trainer`, set `TrainingArguments(remove_unused_columns=False)`: otherwise the Trainer drops
 doc_offsets and loss_mask (not arguments of the model's forward) before the collator sees them.
 
+A --pad-docs-to-multiple build (shard format 1.2) needs nothing else: its doc_offsets are the padded slots, so
+position ids and cu_seq_lens restart per slot, and the pads (labels -100) sit after each document's real tokens,
+where causal attention keeps them from changing any real token's logits.
+
 Cost: one concatenation per batch on the host; no padding, so no compute is spent on pad tokens.
 """
 

@@ -8,8 +8,10 @@ A piece is (document, first token, length): a whole document, its first seq_len 
 seq_len-token slices (split). `lay` holds, per piece in plan order, its document ("doc"), its spool position
 ("pos", as if the spool were one array) and its length ("len"); per row, "row_offsets" into the pieces; "order", the
 rows in output order (a seeded permutation unless --no-shuffle); "task_token_base", the spool position of each
-task's first token. In a mixture "doc" holds doc ids (source, repeat, record: `packprep.mixture`). Cost: a few
-numpy passes over the length array plus `pack` (numba); ~40 bytes per piece on disk.
+task's first token; with --pad-docs-to-multiple N, "len" is the padded slot's length and "real" its real tokens
+(the slot is the piece's tokens, then pad tokens). In a mixture "doc" holds doc ids (source, repeat, record:
+`packprep.mixture`). Cost: a few numpy passes over the length array plus `pack` (numba); ~40 bytes per piece on
+disk.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def plan(lengths: np.ndarray, config: BuildConfig, select=None) -> tuple[dict, d
         "rejected": int(rejected.sum()),
         "truncated_tokens": int((lengths[long] - seq_len).sum()) if config.long_docs == "truncate" else 0,
     }
-    packed = pack(piece_len.astype(np.int32), seq_len, config.strategy, config.seed)
+    mult = config.pad_docs_to_multiple
+    slot_len = -(-piece_len // mult) * mult  # --pad-docs-to-multiple 4: pieces [5, 8, 3] -> slots [8, 8, 4]
+    packed = pack(slot_len.astype(np.int32), seq_len, config.strategy, config.seed)
     stats = plan_stats(packed, seq_len)
     order = (np.random.default_rng(config.seed).permutation(packed.num_rows) if config.shuffle
              else np.arange(packed.num_rows))
@@ -77,7 +81,24 @@ def plan(lengths: np.ndarray, config: BuildConfig, select=None) -> tuple[dict, d
         "len": packed.length.astype(np.int32),
     }
     counts.update(pieces=packed.num_pieces, rows=packed.num_rows, tokens=packed.num_tokens)
+    if mult > 1:  # the real tokens of each packed slot; `random` cuts slots at multiples of N, so never 0
+        lay["real"] = np.clip(piece_len[packed.doc] - packed.start, 0, packed.length).astype(np.int32)
+        assert (lay["real"] > 0).all(), "a padded slot without real tokens"
+        counts["pad_tokens"] = int(packed.num_tokens - lay["real"].sum(dtype=np.int64))
     return lay, counts, {k: stats[k] for k in _STATS}
+
+
+def padding(config: BuildConfig, tok) -> dict | None:
+    """A padded build's manifest record {"multiple", "pad_id", "pad_token", "from"}: the tokenizer's pad token, else
+    its EOS (from "eos_token"; every packprep tokenizer has one). None without --pad-docs-to-multiple."""
+    if config.pad_docs_to_multiple == 1:
+        return None
+    pad = tok.special["pad_token"]
+    pad_id = tok.rust.token_to_id(pad) if pad else None
+    source = "pad_token" if pad_id is not None else "eos_token"
+    if pad_id is None:
+        pad, pad_id = tok.special["eos_token"], tok.eos_id
+    return {"multiple": config.pad_docs_to_multiple, "pad_id": int(pad_id), "pad_token": pad, "from": source}
 
 
 def save(folder: Path, lay: dict, task_tokens: np.ndarray, counts: dict, stats: dict) -> None:
@@ -99,4 +120,6 @@ def saved(folder: Path) -> tuple[dict, dict] | None:
 
 
 def load(folder: Path) -> dict[str, np.ndarray]:
-    return {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ARRAYS}
+    """The plan's arrays, memory-mapped; "real" (each slot's real tokens) only in a padded build's plan."""
+    return {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in (*ARRAYS, "real")
+            if k in ARRAYS or (folder / f"{k}.npy").exists()}

@@ -2,7 +2,8 @@
 a folder without it is an unfinished build). Its readers: `workdir.same_build` (is this the same build?), `verify`,
 `report` (inspect), the trainer's `BuildInfo` and the exporters.
 
-Owns its content: the config, the tokenizer (name, sha256, vocabulary, backend), the inputs (fingerprints, per-file
+Owns its content: the config, the tokenizer (name, sha256, vocabulary, backend), the padding of a
+--pad-docs-to-multiple build (N, pad id and token: format 1.2), the inputs (fingerprints, per-file
 documents, files left out), counts, packing statistics, per-shard rows/tokens/sha256, timings. Cost: one small JSON
 file, written atomically.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import packprep
 from packprep import storage
 from packprep.inputs import file_size
-from packprep.shards import FORMAT_MINOR, FORMAT_VERSION, MANIFEST, write_json_atomic
+from packprep.shards import FORMAT_MINOR, FORMAT_MINOR_PADDED, FORMAT_VERSION, MANIFEST, write_json_atomic
 
 
 def note_counts(counts: dict, results, special_tokens_in_text: str, log) -> None:
@@ -30,10 +31,10 @@ def note_counts(counts: dict, results, special_tokens_in_text: str, log) -> None
 
 
 def write(out: Path, config, tokenizer: dict, inputs: dict, counts: dict, stats: dict, shards: list[dict],
-          fingerprint: str, timings: dict, reused: dict | None) -> dict:
+          fingerprint: str, timings: dict, reused: dict | None, padding: dict | None = None) -> dict:
     manifest = {
         "format_version": FORMAT_VERSION,
-        "format_minor": FORMAT_MINOR,
+        "format_minor": FORMAT_MINOR if padding is None else FORMAT_MINOR_PADDED,
         "packprep_version": packprep.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {**config.to_dict(), "storage_options": storage.redacted(config.storage_options)},
@@ -50,6 +51,8 @@ def write(out: Path, config, tokenizer: dict, inputs: dict, counts: dict, stats:
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "resumed": reused,  # finished work an earlier, interrupted run left and this one reused
     }
+    if padding is not None:  # --pad-docs-to-multiple: N, the pad token and where it came from (layout.padding)
+        manifest["padding"] = padding
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

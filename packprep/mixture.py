@@ -205,11 +205,15 @@ def select(lengths: np.ndarray, source_docs: np.ndarray, config: BuildConfig) ->
 
 
 def batch_tokens(batch: pa.RecordBatch, n_sources: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, loss tokens) per source in a record batch of shard rows."""
+    """(tokens, loss tokens) per source in a record batch of shard rows (a padded build's real tokens only)."""
     lengths = batch.column("seq_lengths").flatten().to_numpy()
     source = batch.column("doc_ids").flatten().to_numpy() >> SOURCE_SHIFT
     mask = batch.column("loss_mask").flatten().to_numpy()
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    if "doc_offsets_unpadded" in batch.schema.names:  # per row [0, r1, r1+r2, ...] -> [r1, r2, ...]
+        col = batch.column("doc_offsets_unpadded")
+        o, u = col.offsets.to_numpy(), col.values.to_numpy()
+        lengths = np.delete(u[o[0]:o[-1]], o[:-1] - o[0]) - np.delete(u[o[0]:o[-1]], o[1:] - 1 - o[0])
     loss = np.add.reduceat(mask.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
     if len(source) and (source.min() < 0 or source.max() >= n_sources):
         raise ValueError(f"doc_ids name sources outside [0, {n_sources})")

@@ -267,6 +267,9 @@ def _shard_pieces(out: Path) -> dict:
             row = np.repeat(np.arange(len(n_pieces)), n_pieces)
             starts = np.delete(v, o_docs[1:] - 1) + o_ids[row]  # each row's offsets without its last entry
             ends = np.delete(v, o_docs[:-1]) + o_ids[row]  # ... without its first entry
+            if "doc_offsets_unpadded" in batch.schema.names:  # a padded build: each slot's real tokens only
+                u = batch.column("doc_offsets_unpadded").values.to_numpy()
+                ends = starts + np.delete(u, o_docs[:-1]) - np.delete(u, o_docs[1:] - 1)
             docs.append(batch.column("doc_ids").values.to_numpy())
             where.append(np.stack([np.full(len(row), len(batches)), starts, ends], axis=1))
             batches.append(batch)

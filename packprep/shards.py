@@ -21,6 +21,7 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 FORMAT_MINOR = 1  # 1.1 added `labels`, as the last column: a reader of 1.0 still reads 1.1
+FORMAT_MINOR_PADDED = 2  # 1.2: a --pad-docs-to-multiple build, which adds `doc_offsets_unpadded` as the last column
 MANIFEST = "packprep.json"
 IGNORE_INDEX = -100  # HF's label for "no loss here"
 
@@ -34,6 +35,11 @@ SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.int32())),  # HF unshifted: token where loss_mask, else -100; -100 at doc starts
     ]
 )
+# --pad-docs-to-multiple N: every document is a slot of its real tokens then pad tokens (loss_mask 0, labels -100),
+# slot lengths multiples of N. doc_offsets / seq_lengths are the slots (positions in the row: TransformerEngine's
+# cu_seqlens_q_padded); doc_offsets_unpadded the real tokens' running sum [0, r1, r1+r2, ...] (its cu_seqlens_q),
+# so document i's real tokens are input_ids[doc_offsets[i] : doc_offsets[i] + r_i].
+SCHEMA_PADDED = SCHEMA.append(pa.field("doc_offsets_unpadded", pa.list_(pa.int32())))
 
 # datasets' Features for SCHEMA, as dataset_info.json spells them (datasets >= 4 writes "List").
 _HF_FEATURES = {
@@ -44,6 +50,7 @@ _HF_FEATURES = {
     "doc_ids": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"},
     "labels": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
 }
+_HF_FEATURES_PADDED = {**_HF_FEATURES, "doc_offsets_unpadded": _HF_FEATURES["doc_offsets"]}
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -58,19 +65,20 @@ def make_batch(
     row_piece_offsets: np.ndarray,
     doc_ids: np.ndarray,
     loss_mask: np.ndarray | None = None,
+    real_lengths: np.ndarray | None = None,
 ) -> pa.RecordBatch:
     """Build a record batch of rows from flat arrays (no Python loop over rows).
 
     tokens[row_offsets[r]:row_offsets[r+1]] are row r's tokens; piece_lengths / doc_ids hold one entry per piece,
     row r owning pieces row_piece_offsets[r]:row_piece_offsets[r+1]. loss_mask (uint8, like tokens) or None (all 1).
     Example: rows [[a a a b b], [c c c c]] -> piece_lengths [3, 2, 4], row_piece_offsets [0, 2, 3],
-    doc_offsets [[0, 3, 5], [0, 4]].
+    doc_offsets [[0, 3, 5], [0, 4]]. real_lengths (one per piece, padded builds): the real tokens at the start of
+    each piece, the rest being padding; adds doc_offsets_unpadded (SCHEMA_PADDED).
     """
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     row_offsets = np.asarray(row_offsets, dtype=np.int64)
     piece_lengths = np.asarray(piece_lengths, dtype=np.int32)
     row_piece_offsets = np.asarray(row_piece_offsets, dtype=np.int64)
-    rows = len(row_offsets) - 1
     base = row_offsets[0]
     tok_off = (row_offsets - base).astype(np.int32)
     tokens = tokens[base : row_offsets[-1]]  # a view; tokens and mask are sliced alike
@@ -78,17 +86,11 @@ def make_batch(
         loss_mask = np.ones(len(tokens), dtype=np.uint8)
     else:
         loss_mask = np.ascontiguousarray(loss_mask[base : row_offsets[-1]], dtype=np.uint8)
-    # doc_offsets: per row, the running sum of its piece lengths with a leading 0 -> one extra entry per row.
     p0 = row_piece_offsets[0]
     piece_off = (row_piece_offsets - p0).astype(np.int32)
     pl = piece_lengths[p0 : row_piece_offsets[-1]]
     global_cum = np.concatenate([[0], np.cumsum(pl, dtype=np.int64)])
-    idx = np.arange(len(pl) + rows, dtype=np.int64)
-    row_of_entry = np.repeat(np.arange(rows), np.diff(piece_off) + 1)
-    entry_off = (piece_off + np.arange(rows + 1)).astype(np.int32)
-    local = idx - entry_off[:-1][row_of_entry]  # position of the entry inside its row: 0..npieces
-    piece_at = piece_off[:-1][row_of_entry] + local  # index into global_cum
-    doc_offsets = (global_cum[piece_at] - global_cum[piece_off[:-1]][row_of_entry]).astype(np.int32)
+    entry_off, doc_offsets = _row_offsets(pl, piece_off)
     doc_ids = np.asarray(doc_ids, dtype=np.int64)[p0 : row_piece_offsets[-1]]
     # labels: tokens [5 6 7 | 8 9], mask [1 1 1 | 0 1] -> [-100 6 7 | -100 9] (no prediction crosses a boundary)
     labels = np.where(loss_mask != 0, tokens, np.int32(IGNORE_INDEX)).astype(np.int32)
@@ -102,7 +104,24 @@ def make_batch(
         pa.ListArray.from_arrays(_arrow(piece_off), _arrow(doc_ids)),
         pa.ListArray.from_arrays(_arrow(tok_off), _arrow(labels)),
     ]
-    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+    if real_lengths is None:
+        return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+    real = np.asarray(real_lengths, dtype=np.int32)[p0 : row_piece_offsets[-1]]
+    arrays.append(pa.ListArray.from_arrays(_arrow(entry_off), _arrow(_row_offsets(real, piece_off)[1])))
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA_PADDED)
+
+
+def _row_offsets(lengths: np.ndarray, piece_off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the running sum of its pieces' lengths with a leading 0 (one extra entry per row), as list offsets
+    and values: lengths [3, 2, 4], piece_off [0, 2, 3] -> ([0, 3, 5], [0, 3, 5, 0, 4])."""
+    rows = len(piece_off) - 1
+    global_cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    idx = np.arange(len(lengths) + rows, dtype=np.int64)
+    row_of_entry = np.repeat(np.arange(rows), np.diff(piece_off) + 1)
+    entry_off = (piece_off + np.arange(rows + 1)).astype(np.int32)
+    local = idx - entry_off[:-1][row_of_entry]  # position of the entry inside its row: 0..npieces
+    piece_at = piece_off[:-1][row_of_entry] + local  # index into global_cum
+    return entry_off, (global_cum[piece_at] - global_cum[piece_off[:-1]][row_of_entry]).astype(np.int32)
 
 
 _ARROW_TYPES = {np.dtype(np.int32): pa.int32(), np.dtype(np.int64): pa.int64(), np.dtype(np.uint8): pa.uint8()}
@@ -115,7 +134,7 @@ def _arrow(a: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(_ARROW_TYPES[a.dtype], len(a), [None, pa.py_buffer(a)])
 
 
-def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
+def write_shard(path: str | Path, batches, fsync: bool = True, schema: pa.Schema = SCHEMA) -> dict:
     """Write record batches as one Arrow IPC stream file (pyarrow's stream writer: the bytes datasets writes),
     atomically (`atomic_file`: temp name, fsync, rename).
 
@@ -129,9 +148,9 @@ def write_shard(path: str | Path, batches, fsync: bool = True) -> dict:
     rows = tokens = 0
     digest = hashlib.sha256()
     with atomic_file(path, fsync=fsync) as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-        with pa.ipc.new_stream(_HashingSink(f, digest, hasher), SCHEMA) as writer:
+        with pa.ipc.new_stream(_HashingSink(f, digest, hasher), schema) as writer:
             for batch in batches:
-                if not batch.schema.equals(SCHEMA):
+                if not batch.schema.equals(schema):
                     raise ValueError(f"record batch schema {batch.schema} is not shard format v1's")
                 rows += batch.num_rows
                 tokens += len(batch.column(0).values)
@@ -185,7 +204,8 @@ def shard_files(out: str | Path) -> list[Path]:
     return files
 
 
-def write_hf_metadata(out: str | Path, files: list[str], fingerprint: str, description: str = "") -> None:
+def write_hf_metadata(out: str | Path, files: list[str], fingerprint: str, description: str = "",
+                      padded: bool = False) -> None:
     """state.json and dataset_info.json exactly as datasets' save_to_disk lays them out."""
     out = Path(out)
     state = {
@@ -197,7 +217,8 @@ def write_hf_metadata(out: str | Path, files: list[str], fingerprint: str, descr
         "_output_all_columns": False,
         "_split": None,
     }
-    info = {"citation": "", "description": description, "features": _HF_FEATURES, "homepage": "", "license": ""}
+    features = _HF_FEATURES_PADDED if padded else _HF_FEATURES
+    info = {"citation": "", "description": description, "features": features, "homepage": "", "license": ""}
     write_json_atomic(out / "dataset_info.json", info)
     write_json_atomic(out / "state.json", state)
 

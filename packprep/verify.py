@@ -9,8 +9,10 @@ increasing, seq_lengths = diff(doc_offsets), loss_mask as long as input_ids and 
 them) = input_ids where loss_mask else -100 with -100 at each piece's first token, one doc_id per piece within [0,
 input_docs); accounting: every input document is packed or counted, input docs = packed + truncated + split +
 dropped (empty, too long) + rejected, the rejected ones by reason add up and rejects.jsonl holds one line each; the
-distinct documents found in the shards = packed + truncated + split; a mixture's counts.sources (docs, distinct
-documents, tokens, loss tokens, shares) recounted from the shards (`packprep.mixture.Tally`).
+distinct documents found in the shards = packed + truncated + split; a padded build (format 1.2): slots of
+multiples of N holding each document's real tokens (doc_offsets_unpadded) then pad tokens without loss; a
+mixture's counts.sources (docs, distinct documents, tokens, loss tokens, shares) recounted from the shards
+(`packprep.mixture.Tally`).
 Cost: one sha256 pass over the shards plus O(tokens) numpy work on memory-mapped columns (~1 GB/s).
 `verify(out, tokens=N)` (`packprep verify --tokens N`) adds `check_tokens`: N sampled documents against the
 reference tokenization of `packprep.reference` (transformers), which names the first difference.
@@ -27,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from packprep.mixture import Tally
-from packprep.shards import MANIFEST, SCHEMA, open_shard, sha256_file
+from packprep.shards import MANIFEST, SCHEMA, SCHEMA_PADDED, open_shard, sha256_file
 
 
 @dataclass
@@ -89,7 +91,8 @@ def _verify(out: Path, report: Report) -> Report:
     shape = manifest_problems(m)
     if not report.add("manifest shape", not shape, f"malformed: {shape}; rebuild or restore it"):
         return report
-    _check_hf_metadata(out, [s["file"] for s in shards], report)
+    padding = m.get("padding")  # a --pad-docs-to-multiple build (format 1.2)
+    _check_hf_metadata(out, [s["file"] for s in shards], report, SCHEMA if padding is None else SCHEMA_PADDED)
     stray = sorted(p.name for p in out.glob("data-*") if p.name not in {s["file"] for s in shards})
     report.add("no stray shards", not stray, f"{stray[:3]} ({len(stray)}) are not part of the build (a half-written "
                "temp file or a shard of another build)")
@@ -112,6 +115,8 @@ def _verify(out: Path, report: Report) -> Report:
             report.add(f"{name} readable", False, str(e))
             continue
         problems = _check_rows(table, seq_len, seen, tally)
+        if padding is not None and not problems:
+            problems = _check_padding(table, padding)
         report.add(f"{name} rows", not problems, "; ".join(problems))
         n_tokens = sum(len(c.values) for c in table.column("input_ids").chunks)
         report.add(f"{name} counts", (table.num_rows, n_tokens) == (s["rows"], s["tokens"]),
@@ -178,7 +183,7 @@ def manifest_problems(m) -> str:
     return ""
 
 
-def _check_hf_metadata(out: Path, files: list[str], report: Report) -> None:
+def _check_hf_metadata(out: Path, files: list[str], report: Report, schema: pa.Schema = SCHEMA) -> None:
     """What `datasets.load_from_disk(out)` reads: state.json listing exactly the shards, with the keys it needs, and
     dataset_info.json whose features are the shard schema's columns and types."""
     try:
@@ -191,7 +196,7 @@ def _check_hf_metadata(out: Path, files: list[str], report: Report) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         problem = f"missing or unreadable ({e})"
     report.add("state.json", not problem, f"{problem}; load_from_disk needs it as the build wrote it")
-    expected = {f.name: str(f.type.value_type) for f in SCHEMA}
+    expected = {f.name: str(f.type.value_type) for f in schema}
     try:
         features = json.loads((out / "dataset_info.json").read_text())["features"]
         found = {k: v["feature"]["dtype"] for k, v in features.items()
@@ -262,3 +267,37 @@ def _labels_ok(labels, ids, mask, doc_offsets, o_docs) -> bool:
     firsts = np.delete(doc_offsets[o_docs[0]:o_docs[-1]], o_docs[1:] - 1 - o_docs[0])  # each row's last entry out
     expected[firsts + o_ids[row] - lo] = -100
     return np.array_equal(labels.values.to_numpy()[lo:hi], expected)
+
+
+def _check_padding(table: pa.Table, padding: dict) -> list[str]:
+    """A padded build's rows: slots (doc_offsets) of lengths that are multiples of N, each its r real tokens then
+    pad_id with loss_mask 0 (so labels -100), with 0 < r, slot - N < r <= slot and r = diff(doc_offsets_unpadded)."""
+    mult, pad_id = int(padding["multiple"]), int(padding["pad_id"])
+    if table.schema.names[-1] != "doc_offsets_unpadded":
+        return ["no doc_offsets_unpadded column in a padded build"]
+    for batch in table.to_batches():
+        offs, unpadded = batch.column("doc_offsets"), batch.column("doc_offsets_unpadded")
+        o_docs = offs.offsets.to_numpy()
+        if not np.array_equal(unpadded.offsets.to_numpy(), o_docs):
+            return ["doc_offsets_unpadded not one entry per doc_offsets entry"]
+        within = np.ones(o_docs[-1] - o_docs[0] - 1, bool)  # differences inside a row, not across rows
+        within[o_docs[1:-1] - 1 - o_docs[0]] = False
+        slot = np.diff(offs.values.to_numpy()[o_docs[0]:o_docs[-1]])[within]
+        u = unpadded.values.to_numpy()[o_docs[0]:o_docs[-1]]
+        real = np.diff(u)[within]
+        if (u[o_docs[:-1] - o_docs[0]] != 0).any() or (real <= 0).any() or (real > slot).any():
+            return ["doc_offsets_unpadded do not run from 0 with 0 < real tokens <= slot per document"]
+        if (slot % mult).any() or (slot - real >= mult).any():
+            return [f"padded slots are not the real tokens rounded up to a multiple of {mult}"]
+        ids, mask = batch.column("input_ids"), batch.column("loss_mask")
+        o_ids = ids.offsets.to_numpy()
+        starts = np.delete(offs.values.to_numpy()[o_docs[0]:o_docs[-1]], o_docs[1:] - 1 - o_docs[0])
+        starts = starts + np.repeat(o_ids[:-1], np.diff(o_docs) - 1)  # each slot's first token in the flat column
+        pads = np.ones(o_ids[-1], bool)  # positions past each slot's real tokens
+        pads[:o_ids[0]] = False
+        real_pos = np.repeat(starts - np.concatenate([[0], np.cumsum(real)[:-1]]), real) + np.arange(real.sum())
+        pads[real_pos] = False
+        pad_ids, pad_mask = ids.values.to_numpy()[: o_ids[-1]][pads], mask.values.to_numpy()[: o_ids[-1]][pads]
+        if (pad_ids != pad_id).any() or pad_mask.any():
+            return [f"a pad position holds another token than pad_id {pad_id} or carries loss"]
+    return []

@@ -22,7 +22,7 @@ import numpy as np
 
 from packprep import layout, spool, workdir
 from packprep.mixture import batch_tokens
-from packprep.shards import atomic_file, make_batch, shard_name, write_json_atomic, write_shard
+from packprep.shards import SCHEMA, SCHEMA_PADDED, atomic_file, make_batch, shard_name, write_json_atomic, write_shard
 from packprep.workdir import kill_hook
 
 BATCH_TOKENS = 4 << 20  # tokens per record batch: each gathers from every spool file, so larger means fewer faults
@@ -39,12 +39,13 @@ class WriteContext:
     num_shards: int
     batch_rows: int
     sources: int = 0  # a mixture's sources: each shard's loss tokens are also tallied per source
+    pad_id: int | None = None  # --pad-docs-to-multiple > 1: the token that fills each slot after its real tokens
 
     @classmethod
-    def plan(cls, out: Path, work: Path, rows: int, rows_per_shard: int, seq_len: int, sources: int = 0
-             ) -> WriteContext:
+    def plan(cls, out: Path, work: Path, rows: int, rows_per_shard: int, seq_len: int, sources: int = 0,
+             pad_id: int | None = None) -> WriteContext:
         return cls(str(out), str(work), rows, rows_per_shard, -(-rows // rows_per_shard),
-                   max(1, BATCH_TOKENS // seq_len), sources)
+                   max(1, BATCH_TOKENS // seq_len), sources, pad_id)
 
 
 def shard_done(ctx: WriteContext, index: int) -> dict | None:
@@ -71,7 +72,7 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
         nonlocal loss, labelled
         for b in range(lo, hi, ctx.batch_rows):
             batch, loss_tokens, label_tokens = gather_rows(np.asarray(lay["order"][b : min(b + ctx.batch_rows, hi)]),
-                                                           lay, reader)
+                                                           lay, reader, ctx.pad_id)
             loss += loss_tokens
             labelled += label_tokens
             if ctx.sources:
@@ -79,7 +80,9 @@ def write_shard_task(index: int, ctx: WriteContext) -> dict:
             yield batch
             kill_hook(f"shard:{index}")  # test hook: dies with a half-written shard.tmp*
 
-    info = {"index": index, **write_shard(Path(ctx.out) / shard_name(index, ctx.num_shards), batches()),
+    schema = SCHEMA if ctx.pad_id is None else SCHEMA_PADDED
+    info = {"index": index, **write_shard(Path(ctx.out) / shard_name(index, ctx.num_shards), batches(),
+                                          schema=schema),
             "loss_tokens": loss, "label_tokens": labelled}
     if ctx.sources:
         info["source_loss_tokens"] = source_loss.tolist()
@@ -96,9 +99,10 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, lengths) + np.arange(total)
 
 
-def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
+def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader, pad_id: int | None = None):
     """One record batch holding the given rows (plan row indices), tokens gathered from the spool, its number of
-    loss tokens and of labels (loss tokens that are not a piece's first token: what a model's loss counts)."""
+    loss tokens and of labels (loss tokens that are not a piece's first token: what a model's loss counts).
+    pad_id (a padded build): each slot is its real tokens (lay["real"]) then pad_id with loss_mask 0."""
     from packprep._kernels import copy_pieces
 
     ro = lay["row_offsets"]
@@ -108,8 +112,11 @@ def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
     ppos = np.asarray(lay["pos"][pieces])
     row_piece_off = np.concatenate([[0], np.cumsum(counts)])
     cum = np.concatenate([[0], np.cumsum(plen)])
-    ids = np.empty(int(cum[-1]), np.int32)
-    mask = np.empty(int(cum[-1]), np.uint8)
+    if pad_id is None:
+        ids, mask, pcopy, preal = np.empty(int(cum[-1]), np.int32), np.empty(int(cum[-1]), np.uint8), plen, None
+    else:
+        ids, mask = np.full(int(cum[-1]), pad_id, np.int32), np.zeros(int(cum[-1]), np.uint8)
+        pcopy = preal = np.asarray(lay["real"][pieces], dtype=np.int64)
     base = np.asarray(lay["task_token_base"])
     ptask = np.searchsorted(base, ppos, side="right") - 1  # a piece never crosses a task: a doc is in one task
     by_task = np.argsort(ptask, kind="stable")
@@ -119,9 +126,9 @@ def gather_rows(rows: np.ndarray, lay: dict, reader: spool.Reader):
             continue
         task = int(ptask[group[0]])
         t_ids, t_mask = reader[task]
-        copy_pieces(t_ids, t_mask, ppos[group] - base[task], ids, mask, cum[:-1][group], plen[group])
+        copy_pieces(t_ids, t_mask, ppos[group] - base[task], ids, mask, cum[:-1][group], pcopy[group])
         reader.release(task)  # RSS: at most one task file's pages mapped at a time
-    batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask)
+    batch = make_batch(ids, cum[row_piece_off], plen, row_piece_off, np.asarray(lay["doc"][pieces]), mask, preal)
     loss = int(mask.sum(dtype=np.int64))
     starts = cum[:-1][plen > 0]
     return batch, loss, loss - int(mask[starts].sum(dtype=np.int64))
@@ -158,7 +165,8 @@ def repair_shards(out: Path, manifest: dict, config, log) -> None:
     work = workdir.path(out)
     if (work / "spool").is_dir() and layout.saved(work / "layout") is not None:
         names = [s["file"] for s in manifest["shards"]]
-        wctx = WriteContext.plan(out, work, manifest["counts"]["rows"], config.rows_per_shard, config.seq_len)
+        wctx = WriteContext.plan(out, work, manifest["counts"]["rows"], config.rows_per_shard, config.seq_len,
+                                 pad_id=(manifest.get("padding") or {}).get("pad_id"))
         for problem in bad:
             k = names.index(problem.split(":")[0])
             (work / "shards" / f"s{k:05d}.done.json").unlink(missing_ok=True)

@@ -48,33 +48,41 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(built, tmp_path_factory) -> dict:
-    """The build's documents in shard row order, read with pyarrow, plus labels from an obvious loop."""
-    tokens, mask, lengths, row_offsets, row_docs, labels, shard_rows = [], [], [], [0], [0], [], []
+    e = expected_of(built, tmp_path_factory.mktemp("expected"))
+    assert len(shard_files(built)) >= 3 and json.loads((built / "packprep.json").read_text())["counts"]["split"] >= 1
+    assert 0 < e["mask"].sum() < len(e["mask"])  # prompt/response masks, not all ones
+    ends = np.cumsum(e["lengths"]) - 1
+    inside = np.flatnonzero(e["tokens"] == e["eos_id"])
+    assert len(np.setdiff1d(inside, ends)) >= 1  # some document holds EOS before its end
+    return e
+
+
+def expected_of(built, folder) -> dict:
+    """The build's documents in shard row order, read with pyarrow, plus labels from an obvious loop; a padded
+    build's documents are their real tokens (each slot cut at doc_offsets_unpadded's length)."""
+    tokens, mask, lengths, row_offsets, row_docs, labels, shard_rows, slots = [], [], [], [0], [0], [], [], []
     for f in shard_files(built):
         t = open_shard(f).to_pydict()
         shard_rows.append(len(t["input_ids"]))
-        for ids, offs, m in zip(t["input_ids"], t["doc_offsets"], t["loss_mask"]):
-            tokens += ids
-            mask += m
-            for a, b in zip(offs[:-1], offs[1:]):
-                lengths.append(b - a)
-                labels += [-100] + [ids[i] if m[i] else -100 for i in range(a + 1, b)]
+        for k, (ids, offs, m) in enumerate(zip(t["input_ids"], t["doc_offsets"], t["loss_mask"])):
+            real = np.diff(t.get("doc_offsets_unpadded", t["doc_offsets"])[k])
+            slots += np.diff(offs).tolist()
+            for a, n in zip(offs[:-1], real):
+                tokens += ids[a:a + n]
+                mask += m[a:a + n]
+                lengths.append(n)
+                labels += [-100] + [ids[i] if m[i] else -100 for i in range(a + 1, a + n)]
             row_offsets.append(len(tokens))
             row_docs.append(len(lengths))
     manifest = json.loads((built / "packprep.json").read_text())
     e = {"tokens": np.array(tokens, np.int64), "mask": np.array(mask, np.uint8), "lengths": np.array(lengths),
          "row_offsets": np.array(row_offsets), "row_docs": np.array(row_docs), "labels": np.array(labels),
-         "shard_rows": np.array(shard_rows),
+         "shard_rows": np.array(shard_rows), "slots": np.array(slots),
          "seq_len": manifest["seq_len"], "vocab_size": manifest["tokenizer"]["vocab_size"],
          "eos_id": manifest["tokenizer"]["eos_id"]}
-    path = tmp_path_factory.mktemp("expected") / "expected.npz"
+    path = folder / "expected.npz"
     np.savez(path, **e)
     e["path"] = path
-    assert len(shard_files(built)) >= 3 and manifest["counts"]["split"] >= 1
-    assert 0 < e["mask"].sum() < len(e["mask"])  # prompt/response masks, not all ones
-    ends = np.cumsum(e["lengths"]) - 1
-    inside = np.flatnonzero(e["tokens"] == e["eos_id"])
-    assert len(np.setdiff1d(inside, ends)) >= 1  # some document holds EOS before its end
     return e
 
 

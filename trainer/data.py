@@ -12,7 +12,9 @@ The folder must be a finished build: its `packprep.json` manifest gives the shar
 (checked at open) and sha256 (checked with `verify=True`), the seq_len and the tokenizer (`BuildInfo`: what sizes and
 checks the model). `static=True` makes every batch exactly `batch_tokens` long (the residue is one filler document
 without loss), so a compiled model sees one shape. `balance=True` plans each global step's per-rank batches for equal
-attention + token cost instead (trainer.balance).
+attention + token cost instead (trainer.balance). A --pad-docs-to-multiple build streams as it is: its doc_offsets
+are the padded slots (each document's real tokens, then pads without loss), so cu_seqlens and position ids restart
+per slot and no real token sees a pad or another document.
 
 Costs: opening reads only the list offsets of `input_ids` (4 bytes per row; with `balance`, also `doc_offsets`);
 planning an epoch is one permutation plus one `searchsorted` per batch (~0.1 s for 1M rows); a batch costs one copy

@@ -6,6 +6,9 @@ owns what they share: reading the build's shards (through `packprep.shards`, as 
 batch), the work folder that makes an export resumable, and the manifest `export.json`, written last (a folder
 without it is unfinished), holding the source build's identity, the format and its version, and counts.
 
+A --pad-docs-to-multiple build reaches the writers as its real tokens and real boundaries (`iter_rows`), except
+where a format's module sets PADDED = True (nemo: Megatron-Bridge's context-parallel path reads padded documents).
+
 Resume: after each source shard the writer's outputs are in place (temporary name, fsync, rename) and
 `OUT/.export/progress.json` records the parts done; a rerun of the same command continues after the last recorded
 part, deletes leftovers of an interrupted one, and on a finished folder returns its manifest. Another build or
@@ -45,6 +48,7 @@ class BuildInfo:
     eos_id: int | None
     counts: dict
     fsync: bool = True
+    padding: dict | None = None  # a --pad-docs-to-multiple build: {"multiple", "pad_id", ...} (its manifest's)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Rows:
     row_offsets: np.ndarray
     doc_lengths: np.ndarray
     row_docs: np.ndarray
+    real_lengths: np.ndarray | None = None  # a padded build: each slot's real tokens (the rest is padding)
 
     @property
     def doc_starts(self) -> np.ndarray:
@@ -69,6 +74,20 @@ class Rows:
         starts = np.zeros(len(self.doc_lengths), dtype=np.int64)
         np.cumsum(self.doc_lengths[:-1], out=starts[1:])
         return starts
+
+    def real_positions(self) -> np.ndarray:
+        """Indices into `tokens` of the real (not padding) tokens: slots [4, 4] holding [3, 1] -> [0, 1, 2, 4]."""
+        real = self.real_lengths.astype(np.int64)
+        before = np.concatenate([[0], np.cumsum(real)[:-1]])
+        return np.repeat(self.doc_starts - before, real) + np.arange(int(real.sum()))
+
+    def unpadded(self) -> Rows:
+        """The rows without their padding: each document its real tokens (self when there is none)."""
+        if self.real_lengths is None:
+            return self
+        pos, real = self.real_positions(), self.real_lengths.astype(np.int64)
+        cum = np.concatenate([[0], np.cumsum(real)])
+        return Rows(self.tokens[pos], self.loss_mask[pos], cum[self.row_docs], real, self.row_docs)
 
     def labels(self) -> np.ndarray:
         """Hugging Face's unshifted labels: the token where it carries loss, else -100; -100 at every document's
@@ -85,13 +104,19 @@ def _flat(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, (offsets - offsets[0]).astype(np.int64)
 
 
-def iter_rows(shard: Path):
-    """The shard's record batches as `Rows`."""
+def iter_rows(shard: Path, padded: bool = False):
+    """The shard's record batches as `Rows`; a padded build's rows without their padding unless `padded` (then
+    with `real_lengths`)."""
     for batch in open_shard(shard).to_batches():
         tokens, row_offsets = _flat(batch.column("input_ids"))
         mask, _ = _flat(batch.column("loss_mask"))
         doc_lengths, row_docs = _flat(batch.column("seq_lengths"))
-        yield Rows(tokens, mask, row_offsets, doc_lengths, row_docs)
+        rows = Rows(tokens, mask, row_offsets, doc_lengths, row_docs)
+        if "doc_offsets_unpadded" in batch.schema.names:  # per row [0, r1, r1+r2, ...] -> [r1, r2, ...]
+            u, u_off = _flat(batch.column("doc_offsets_unpadded"))
+            rows.real_lengths = np.delete(u, u_off[:-1]) - np.delete(u, u_off[1:] - 1)
+            rows = rows if padded else rows.unpadded()
+        yield rows
 
 
 def cast_ids(tokens: np.ndarray, dtype, scratch: list) -> np.ndarray:
@@ -144,7 +169,8 @@ def read_build(build: str | Path) -> tuple[BuildInfo, list[Path]]:
     m = json.loads(manifest.read_text())
     tok = m.get("tokenizer", {})
     info = BuildInfo(path=path, fingerprint=m["fingerprint"], seq_len=int(m["seq_len"]),
-                     vocab_size=int(tok["vocab_size"]), eos_id=tok.get("eos_id"), counts=m["counts"])
+                     vocab_size=int(tok["vocab_size"]), eos_id=tok.get("eos_id"), counts=m["counts"],
+                     padding=m.get("padding"))
     return info, shard_files(path)
 
 
@@ -186,18 +212,23 @@ def export(build: str | Path, to: str, out: str | Path, *, overwrite: bool = Fal
     for index, shard in enumerate(files):
         if index < len(progress["parts"]):
             continue
-        part = mod.write_part(index, iter_rows(shard), out, progress["state"], info)
+        part = mod.write_part(index, iter_rows(shard, getattr(mod, "PADDED", False)), out, progress["state"], info)
         progress["parts"].append(part)
         write_json(progress_path, progress, info)
         echo(f"shard {index + 1}/{len(files)} exported")
     summary = mod.finish(out, progress["parts"], progress["state"], info)
     manifest = {**identity, "source": str(info.path), "seq_len": info.seq_len,
                 "counts": {"rows": int(info.counts["rows"]), "documents": int(info.counts["pieces"]),
-                           "tokens": int(info.counts["tokens"]), "loss_tokens": int(info.counts["loss_tokens"])},
+                           "tokens": real_tokens(info), "loss_tokens": int(info.counts["loss_tokens"])},
                 "files": summary.pop("files"), **summary}
     write_json(out / MANIFEST, manifest, info)
     shutil.rmtree(work)
     return manifest
+
+
+def real_tokens(info: BuildInfo) -> int:
+    """The build's tokens less its padding (a --pad-docs-to-multiple build's counts.tokens include the pads)."""
+    return int(info.counts["tokens"]) - int(info.counts.get("pad_tokens", 0))
 
 
 def _check_out(out: Path, identity: dict, overwrite: bool) -> dict | None:

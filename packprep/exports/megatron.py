@@ -5,7 +5,9 @@ sequence per document, no sentence splitting): the `.bin` holds every document's
 `DType.optimal_dtype(vocab_size)` (uint16 below 65,500 ids, else int32); the `.idx` is the header `MMIDIDX\\0\\0`,
 version 1 (<Q), the dtype code (<B), the sequence count and document count (<Q), then int32 sequence lengths,
 int64 byte pointers and int64 document indices [0, 1, ..., n]. Documents are packprep's pieces in shard row order
-(a document split by `--long-docs split` stays split). When the build has a loss mask (prompt/response data), it is
+(a document split by `--long-docs split` stays split; a --pad-docs-to-multiple build's documents are their real
+tokens, without the padding: Megatron's GPTDataset concatenates documents, so per-document padding means nothing
+to it). When the build has a loss mask (prompt/response data), it is
 written as a parallel indexed dataset `PREFIX_loss_mask_document` (uint8, the same lengths and documents):
 Megatron-Core's `GPTDataset` does not read it (it trains on every token), it is there for SFT datasets that do.
 Cost: one copy of the tokens (a dtype cast for uint16) plus the mask bytes; the `.bin` is appended shard by shard
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packprep.exports import WORK, cast_ids, save_array
+from packprep.exports import WORK, cast_ids, real_tokens, save_array
 from packprep.shards import atomic_file, fsync_dir
 
 VERSION = 1
@@ -35,7 +37,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def start(out: Path, info, prefix: str = "packprep") -> dict:
     keys = {"text": str(token_dtype(info.vocab_size))}
-    if int(info.counts["loss_tokens"]) < int(info.counts["tokens"]):
+    if int(info.counts["loss_tokens"]) < real_tokens(info):
         keys["loss_mask"] = "uint8"
     return {"prefix": prefix, "keys": keys, "bytes": {k: 0 for k in keys}}
 

@@ -15,8 +15,16 @@ Containers (`container=`):
   `np.load`s whole (so it is built in memory: for modest datasets only).
 `packing_metadata.json` is their list of one dict per dataset: dataset_max_seqlen, max_samples_per_bin,
 packing_factor, packing_efficiency (as they compute it, on l_i - 1), pack_size (the build's seq_len),
-min_packed_seqlen. Padded documents for context parallelism would change only `seq_start_id` (the padded offsets)
-and the pad positions' loss_mask (0).
+min_packed_seqlen.
+
+A --pad-docs-to-multiple N build is written as Megatron-Bridge 0.3's own context-parallel preparation writes it
+(`prepare_packed_sequence_data(pad_seq_to_mult=N)`: each document padded with EOS to ceil(l, N) + 1 tokens, the
++1 because their loader drops each document's last token; newer releases pad to ceil(l - 1, N) + 1, and their
+loader reads either, needing only segments of multiples of N): every packprep slot (its real tokens, then padding)
+with its padding turned into EOS, plus one EOS, loss 0 on all of them. Their loader (`GPTSFTPackedDataset`,
+`pad_seq_to_mult=N`) then trains on segments of exactly the slot lengths: `cu_seqlens` (`cu_seqlens_padded` in
+newer releases) = packprep's doc_offsets, and the real lengths it finds at each segment's last non-EOS token
+(`cu_seqlens_unpadded`). export.json records `pad_seq_to_mult`.
 Cost: one pass building Arrow list arrays from the shard's buffers plus the Parquet encode.
 """
 
@@ -34,12 +42,26 @@ from packprep.shards import atomic_file
 
 VERSION = 1
 CONTAINERS = ("parquet", "npy")
+PADDED = True  # a padded build's rows arrive with their padding (packprep.exports.iter_rows)
 
 
 def start(out: Path, info, container: str = "parquet") -> dict:
     if container not in CONTAINERS:
         raise ValueError(f"unknown nemo container {container!r}; choose one of: {', '.join(CONTAINERS)}")
     return {"container": container}
+
+
+def eos_padded(rows, eos_id: int):
+    """A padded build's rows as their CP preparation lays documents out: padding -> EOS, one more EOS per document,
+    loss 0 on every pad. Example (EOS 0): slots [a b p p | c p] (real 2, 1) -> [a b 0 0 0 | c 0 0]."""
+    if rows.real_lengths is None:
+        return rows
+    pad = np.ones(len(rows.tokens), bool)
+    pad[rows.real_positions()] = False
+    ends = rows.doc_starts + rows.doc_lengths
+    tokens = np.insert(np.where(pad, np.int32(eos_id), rows.tokens), ends, np.int32(eos_id))
+    mask = np.insert(np.where(pad, np.uint8(0), rows.loss_mask), ends, np.uint8(0))
+    return type(rows)(tokens, mask, rows.row_offsets + rows.row_docs, rows.doc_lengths + 1, rows.row_docs)
 
 
 def target_aligned(rows) -> np.ndarray:
@@ -60,6 +82,7 @@ def seq_start_ids(rows) -> np.ndarray:
 def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
     tables, stats = [], []
     for rows in batches:
+        rows = eos_padded(rows, info.eos_id)
         row_offsets = pa.array(rows.row_offsets.astype(np.int32))
         tables.append(pa.table({
             "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(rows.tokens)),
@@ -104,7 +127,9 @@ def finish(out: Path, parts: list[dict], state: dict, info) -> dict:
         "min_packed_seqlen": s["min_row"],
     }
     write_json(out / "packing_metadata.json", [metadata], info)
-    return {"files": [*files, "packing_metadata.json"], "container": state["container"], "packing": metadata}
+    padded = {"pad_seq_to_mult": info.padding["multiple"]} if info.padding else {}
+    return {"files": [*files, "packing_metadata.json"], "container": state["container"], "packing": metadata,
+            **padded}
 
 
 def _stats(rows) -> dict:

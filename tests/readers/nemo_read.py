@@ -2,7 +2,8 @@
 argv: export_dir expected.npz out.npz
 
 - .npy container: their GPTSFTPackedDataset loads it and its collate_fn makes the model batch (tokens, labels,
-  loss_mask, cu_seqlens) of every row.
+  loss_mask, cu_seqlens) of every row; with a 4th argument N, as `pad_seq_to_mult=N` (context parallelism), which
+  adds cu_seqlens_unpadded.
 - .idx.parquet container: their parquet loader (GPTSFTPackedParquetDataset) is newer than any PyPI release, so the
   rows are read with pyarrow (which is all that loader does) and compared with the output of their own packing
   function, fill_packing_strategy, run on the same documents with the same bins.
@@ -27,6 +28,7 @@ from megatron.bridge.data.datasets.packing_utils import create_hist, fill_packin
 from megatron.bridge.data.datasets.sft import GPTSFTPackedDataset  # noqa: E402
 
 export_dir, expected, out = sys.argv[1:4]
+pad_seq_to_mult = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # a --pad-docs-to-multiple build's N
 e = np.load(expected)
 result = {"metadata": json.dumps(json.load(open(os.path.join(export_dir, "packing_metadata.json"))))}
 
@@ -41,7 +43,8 @@ if os.path.exists(npy):
     # the prompt template / label key / truncation field are create_sft_dataset's defaults (packed rows ignore them)
     ds = GPTSFTPackedDataset(npy, Tokenizer(), max_seq_length=int(e["seq_len"]), answer_only_loss=True,
                              pack_metadata_file_path=os.path.join(export_dir, "packing_metadata.json"),
-                             prompt_template="{input} {output}", label_key="output", truncation_field="input")
+                             prompt_template="{input} {output}", label_key="output", truncation_field="input",
+                             pad_seq_to_mult=pad_seq_to_mult)
     batches = [ds.collate_fn([ds[i]]) for i in range(len(ds))]
     for key in ("tokens", "labels", "loss_mask"):  # without the collate's padding to a multiple of 16
         result[key] = np.concatenate([b[key][0, : b["token_count"][0]].numpy() for b in batches])
@@ -49,6 +52,9 @@ if os.path.exists(npy):
     # without the -1 fill after cu_seqlens_argmin and the extra boundary the collate adds for its padding
     cu = [c[: int(b["cu_seqlens_argmin"][0, 0])] for c, b in zip(cu, batches)]
     result["cu_seqlens"] = np.concatenate([c[c <= b["token_count"][0]] for c, b in zip(cu, batches)])
+    if pad_seq_to_mult > 1:  # the real lengths their collate finds (one entry per cu_seqlens entry kept above)
+        result["cu_seqlens_unpadded"] = np.concatenate([b["cu_seqlens_unpadded"][0, :len(c[c <= b["token_count"][0]])]
+                                                        .numpy() for c, b in zip(cu, batches)])
     result["rows"] = len(ds)
     result["token_count"] = np.array([b["token_count"][0] for b in batches])
 else:
