@@ -16,8 +16,8 @@ Not provable: tiktoken merges any two adjacent pieces whose bytes form a token, 
 on vocabularies converted from tiktoken (every split is listed) and agreed on every document tried with BPEs trained
 by `tokenizers`, but a caller must check a sample against HF (`check_sample`) before trusting a corpus to it.
 
-`choose_backend` makes the build's `--tokenizer-backend auto|hf|tiktoken` choice (a sample of the corpus checked
-against HF, ids and masks).
+`packprep.backend` makes the build's `--tokenizer-backend auto|hf|tiktoken` choice with `check_sample`'s idea (a
+sample of the corpus checked against HF, ids and masks).
 
 Cost: building the encoder reads the merges once (~1 s for a 151k vocabulary); encoding is tiktoken's Rust BPE plus
 one regex search per text for added tokens, on one thread unless `num_threads` says otherwise.
@@ -25,6 +25,7 @@ one regex search per text for added tokens, on one thread unless `num_threads` s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from packprep import cache
+
+RANKS_VERSION = 1  # of `_ranks`: part of the cached rank table's key
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # `tokenizers`' AddedVocabulary uses Rust regex's Unicode \w and \s; spelled out so Python matches the same chars.
 _WORD = r"[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}]"
@@ -192,6 +196,42 @@ class _AddedTokens:
         return out
 
 
+class Unrepresentable(ValueError):
+    """tiktoken cannot represent this tokenizer.json exactly (the message says why)."""
+
+
+def _json_path(tokenizer) -> Path | None:
+    """The tokenizer.json file `tokenizer` names (a path or a folder), or None (a dict or a tokenizers.Tokenizer)."""
+    if isinstance(tokenizer, dict) or hasattr(tokenizer, "to_str"):
+        return None
+    path = Path(tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"no tokenizer.json at {path}")
+    return path
+
+
+def _ranks(model: dict) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks of a byte-level BPE: each token's bytes -> its id."""
+    symbols = _byte_decoder()
+    reached = {a + b for a, b in map(_pair, model["merges"])} | set(symbols)
+    # A token no merge makes is never produced by HF's BPE (unless ignore_merges looks whole words up): keep it
+    # out of tiktoken's ranks, or tiktoken's whole-piece lookup would produce it.
+    keep = (lambda t: True) if model.get("ignore_merges") else reached.__contains__
+    to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # symbol -> the byte, as a latin-1 char
+    return {token.translate(to_latin1).encode("latin-1"): i for token, i in model["vocab"].items() if keep(token)}
+
+
+def _token_sizes(ranks: dict[bytes, int], added: list[dict]) -> np.ndarray:
+    """Bytes each token id stands for: a BPE token's bytes, an added token's UTF-8 content (0: never produced)."""
+    n = max([-1, *ranks.values(), *(t["id"] for t in added)]) + 1
+    sizes = np.zeros(n, np.int64)
+    sizes[np.fromiter(ranks.values(), np.int64, len(ranks))] = np.fromiter(map(len, ranks), np.int64, len(ranks))
+    for t in added:
+        sizes[t["id"]] = len(t["content"].encode("utf-8"))
+    return sizes
+
+
 class TiktokenBackend:
     """HF-equivalent encoding of a byte-level BPE through tiktoken. Raises ValueError when not representable.
 
@@ -204,20 +244,23 @@ class TiktokenBackend:
     def __init__(self, tokenizer, name: str = "hf", encode_special_tokens: bool = False):
         import tiktoken
 
-        spec = _load_spec(tokenizer)
-        if why := unsupported_reason(spec):
-            raise ValueError(f"tiktoken cannot represent this tokenizer: {why}")
+        path = _json_path(tokenizer)
+        raw = path.read_bytes() if path is not None else None
+        spec = json.loads(raw) if raw is not None else _load_spec(tokenizer)
+        # the rank table of a tokenizer.json file is cached by its sha256 (packprep.cache): it was written only after
+        # unsupported_reason passed on the same bytes
+        key = cache.key("ranks", hashlib.sha256(raw).hexdigest(), RANKS_VERSION) if raw is not None else None
+        ranks = cache.read_ranks(key) if key else None
+        if ranks is None:
+            if why := unsupported_reason(spec):
+                raise Unrepresentable(f"tiktoken cannot represent this tokenizer: {why}")
+            ranks = _ranks(spec["model"])
+            if key:
+                cache.write_ranks(key, ranks)
         self._spec, self.name, self.encode_special_tokens = spec, name, encode_special_tokens
-        model = spec["model"]
-        symbols = _byte_decoder()
-        reached = {a + b for a, b in map(_pair, model["merges"])} | set(symbols)
-        # A token no merge makes is never produced by HF's BPE (unless ignore_merges looks whole words up): keep it
-        # out of tiktoken's ranks, or tiktoken's whole-piece lookup would produce it.
-        keep = (lambda t: True) if model.get("ignore_merges") else reached.__contains__
-        to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # symbol -> the byte, as a latin-1 char
-        ranks = {token.translate(to_latin1).encode("latin-1"): i for token, i in model["vocab"].items() if keep(token)}
         pattern, _ = _pattern(spec["pre_tokenizer"])
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        self.token_sizes = _token_sizes(ranks, spec.get("added_tokens", []))
         self._nfc = bool(_normalizes_nfc(spec.get("normalizer")))
         added = [t for t in spec.get("added_tokens", []) if t["content"]]
         self._raw_pass = _AddedTokens([t for t in added if not t.get("normalized")], encode_special_tokens)
@@ -320,38 +363,3 @@ def _single_template(post: dict | None) -> tuple[list[int], list[int]] | None:
         else:
             (after if seen else before).extend(post["special_tokens"][item["SpecialToken"]["id"]]["ids"])
     return before, after
-
-
-def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_text: str = "parse",
-                   sample: int = 2048) -> tuple[str, str]:
-    """(backend, why) for --tokenizer-backend: tiktoken when asked, or, for auto, when `tiktoken_backend` can
-    represent the tokenizer.json and the first task's first `sample` documents get the same ids, masks and lengths
-    from both (bad records are left out of the sample: the build reports them)."""
-    if requested != "auto":
-        return requested, f"--tokenizer-backend {requested}"
-    from packprep.readers import read_task
-    from packprep.tokenizer import Tokenizer, chat_renderer
-
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        return "hf", "auto: tiktoken is not installed (pip install tiktoken)"
-    why = unsupported_reason(Path(folder) / "tokenizer.json")
-    if why:
-        return "hf", f"auto: tiktoken cannot represent this tokenizer ({why})"
-    hf, tt = Tokenizer(folder, "hf", special_tokens_in_text), Tokenizer(folder, "tiktoken", special_tokens_in_text)
-    n = 0
-    for task in tasks[:1]:
-        chats = task.format.name in ("chat", "sharegpt")
-        if chats and (hf.chat is None or hf.literal):
-            return "hf", "auto: chats need HF's parse of the template's special tokens here"
-        render = chat_renderer(hf, skip=True) if chats else None
-        docs = next(iter(read_task(task, batch_rows=sample, rejects=[], render=render)), None)
-        if docs is None or not len(docs):
-            continue
-        a, b = hf.encode(docs), tt.encode(docs)
-        if not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])):
-            k = int(np.flatnonzero(np.asarray(a[0][: len(b[0])]) != b[0][: len(a[0])])[:1].sum())
-            return "hf", f"auto: tiktoken differs from HF on the first task's sample (token {n + k}); using HF"
-        n += len(a[0])
-    return "tiktoken", f"auto: tiktoken equals HF on the first task's sample ({n} tokens)"
