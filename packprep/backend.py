@@ -71,6 +71,7 @@ def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_
             cache.write_verdict(k, {"backend": "hf", "why": why})
             return "hf", why + "; checked now", hf
         n = len(a[0])
+    tt._rust = hf.rust  # loaded already: documents that need HF's offsets (rare) do not load it again
     why = f"auto: tiktoken equals HF on the first task's sample ({n} tokens)"
     cache.write_verdict(k, {"backend": "tiktoken", "why": why})
     return "tiktoken", why + "; checked now", tt

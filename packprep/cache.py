@@ -3,18 +3,20 @@
     folder = cache_dir()                  # $PACKPREP_CACHE, else $XDG_CACHE_HOME/packprep, else ~/.cache/packprep
     verdict = read_verdict(key)           # None when absent, unreadable or corrupt
     write_verdict(key, {"backend": "tiktoken", "why": ...})
-    ranks = read_ranks(key)               # a tiktoken rank table ({token bytes: id}) or None
-    write_ranks(key, ranks)
+    head, ranks = read_table(key)         # a tiktoken rank table ({token bytes: id}) and its head, or None
+    write_table(key, head, ranks)
 
 Owns two kinds of file:
   backend-<key>.json   the `--tokenizer-backend auto` verdict for one (tokenizer, sample of records, flags, versions)
   ranks-<key>.npz      the tiktoken rank table built from one tokenizer.json (the key: its sha256 and the builder's
-                       version): the tokens' bytes back to back, their ends and ids, and a sha256 of those arrays
-                       (a file whose arrays do not hash to it is ignored)
+                       version): the tokens' bytes back to back, their ends and ids, the head (the tokenizer.json
+                       without vocabulary and merges, as JSON), and a sha256 of those arrays (a file whose arrays do
+                       not hash to it is ignored)
 
 Nothing here decides a byte of the output: a missing, unreadable, corrupt or foreign file is ignored (as absent) and
 written again; an unwritable folder only costs the reuse; deleting the folder is always safe. Writes go to a
-temporary name, then rename. Cost: one small read per build for the verdict; ~50 ms to load a 151k-token rank table.
+temporary name, then rename. Cost: one small read per build for the verdict; a fraction of a second to load a
+151k-token rank table (instead of seconds to parse and check its tokenizer.json).
 """
 
 from __future__ import annotations
@@ -58,31 +60,34 @@ def write_verdict(k: str, verdict: dict) -> None:
     _write(f"backend-{k}.json", json.dumps({**verdict, "key": k}).encode())
 
 
-def read_ranks(k: str) -> dict[bytes, int] | None:
-    """The rank table `write_ranks` stored under this key, or None."""
+def read_table(k: str) -> tuple[dict, dict[bytes, int]] | None:
+    """(head, ranks) as `write_table` stored them under this key, or None."""
     try:
         with np.load(cache_dir() / f"ranks-{k}.npz", allow_pickle=False) as f:
-            blob, ends, ids, digest = f["blob"], f["ends"], f["ids"], str(f["sha256"])
+            head, blob, ends, ids, digest = f["head"], f["blob"], f["ends"], f["ids"], str(f["sha256"])
+        if digest != _digest(head, blob, ends, ids) or len(ends) != len(ids) or (len(ends) and ends[-1] != len(blob)):
+            return None
+        head = json.loads(head.tobytes())
     except _UNREADABLE:
         return None
-    if digest != _digest(blob, ends, ids) or len(ends) != len(ids) or (len(ends) and ends[-1] != len(blob)):
-        return None
     data, starts = blob.tobytes(), [0, *ends[:-1].tolist()]
-    return {data[a:b]: i for a, b, i in zip(starts, ends.tolist(), ids.tolist())}
+    return head, {data[a:b]: i for a, b, i in zip(starts, ends.tolist(), ids.tolist())}
 
 
-def write_ranks(k: str, ranks: dict[bytes, int]) -> None:
+def write_table(k: str, head: dict, ranks: dict[bytes, int]) -> None:
+    """Store a tiktoken rank table ({token bytes: id}) and a small JSON-able head under key k."""
+    head = np.frombuffer(json.dumps(head).encode(), np.uint8)
     blob = np.frombuffer(b"".join(ranks), np.uint8)
     ends = np.cumsum(np.fromiter(map(len, ranks), np.int64, len(ranks)))
     ids = np.fromiter(ranks.values(), np.int64, len(ranks))
     buf = io.BytesIO()
-    np.savez(buf, blob=blob, ends=ends, ids=ids, sha256=np.array(_digest(blob, ends, ids)))
+    np.savez(buf, head=head, blob=blob, ends=ends, ids=ids, sha256=np.array(_digest(head, blob, ends, ids)))
     _write(f"ranks-{k}.npz", buf.getvalue())
 
 
-def _digest(blob: np.ndarray, ends: np.ndarray, ids: np.ndarray) -> str:
+def _digest(head: np.ndarray, blob: np.ndarray, ends: np.ndarray, ids: np.ndarray) -> str:
     h = hashlib.sha256()
-    for a in (blob, ends.astype("<i8"), ids.astype("<i8")):
+    for a in (head, blob, ends.astype("<i8"), ids.astype("<i8")):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 

@@ -102,48 +102,45 @@ def unsupported_reason(tokenizer) -> str | None:
 
     `tokenizer`: a `tokenizers.Tokenizer`, a tokenizer.json path, a folder holding one, or the parsed dict.
     """
-    spec = _load_spec(tokenizer)
+    return _check(_load_spec(tokenizer))[0]
+
+
+def _check(spec: dict) -> tuple[str | None, list[str]]:
+    """(why not representable or None, each merge's result token: "a" + "b")."""
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        return f"model {model.get('type')} is not BPE"
+        return f"model {model.get('type')} is not BPE", []
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            return f"BPE with {key}={model[key]!r}"
+            return f"BPE with {key}={model[key]!r}", []
     if model.get("byte_fallback"):
-        return "BPE with byte_fallback (SentencePiece style, not byte-level)"
+        return "BPE with byte_fallback (SentencePiece style, not byte-level)", []
     if spec.get("truncation") or spec.get("padding"):
-        return "tokenizer.json sets truncation or padding"
+        return "tokenizer.json sets truncation or padding", []
     if _normalizes_nfc(spec.get("normalizer")) is None:
-        return f"normalizer {json.dumps(spec['normalizer'])[:120]} (only none or NFC is represented)"
+        return f"normalizer {json.dumps(spec['normalizer'])[:120]} (only none or NFC is represented)", []
     pattern, why = _pattern(spec.get("pre_tokenizer"))
     if why:
-        return why
+        return why, []
     symbols = _byte_decoder()
     vocab = model.get("vocab", {})
     if missing := [s for s in symbols if s not in vocab]:
-        return f"{len(missing)} of the 256 byte-level symbols are not in the vocabulary (not a byte-level BPE)"
+        return f"{len(missing)} of the 256 byte-level symbols are not in the vocabulary (not a byte-level BPE)", []
     if not set("".join(vocab)) <= symbols.keys():
-        return "vocabulary tokens outside the byte-level alphabet"
-    previous = -1
-    for a, b in map(_pair, model.get("merges", [])):
-        merged = vocab.get(a + b)
-        if merged is None:
-            return f"merge {a!r} + {b!r} makes no vocabulary token"
-        if merged < previous:
-            return "merge results' ids are not in merge order (tiktoken ranks merges by token id)"
-        previous = merged
+        return "vocabulary tokens outside the byte-level alphabet", []
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]  # older files: "a b"
+    joined = [a + b for a, b in pairs]
+    merged = [vocab.get(t) for t in joined]
+    if None in merged:
+        a, b = pairs[merged.index(None)]
+        return f"merge {a!r} + {b!r} makes no vocabulary token", []
+    if len(merged) > 1 and (np.diff(np.array(merged, np.int64)) < 0).any():
+        return "merge results' ids are not in merge order (tiktoken ranks merges by token id)", []
     try:
         regex.compile(pattern)
     except regex.error as e:
-        return f"pre-tokenizer regex does not compile in Python's regex ({e})"
-    return None
-
-
-def _pair(merge) -> tuple[str, str]:
-    if isinstance(merge, str):  # older tokenizer.json: "a b"
-        a, b = merge.split(" ")
-        return a, b
-    return merge[0], merge[1]
+        return f"pre-tokenizer regex does not compile in Python's regex ({e})", []
+    return None, joined
 
 
 @dataclass(frozen=True)
@@ -211,15 +208,23 @@ def _json_path(tokenizer) -> Path | None:
     return path
 
 
-def _ranks(model: dict) -> dict[bytes, int]:
-    """tiktoken's mergeable ranks of a byte-level BPE: each token's bytes -> its id."""
+def _ranks(model: dict, joined: list[str]) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks of a byte-level BPE: each token's bytes -> its id (joined: `_check`'s)."""
     symbols = _byte_decoder()
-    reached = {a + b for a, b in map(_pair, model["merges"])} | set(symbols)
+    reached = set(joined) | set(symbols)
     # A token no merge makes is never produced by HF's BPE (unless ignore_merges looks whole words up): keep it
     # out of tiktoken's ranks, or tiktoken's whole-piece lookup would produce it.
     keep = (lambda t: True) if model.get("ignore_merges") else reached.__contains__
     to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # symbol -> the byte, as a latin-1 char
     return {token.translate(to_latin1).encode("latin-1"): i for token, i in model["vocab"].items() if keep(token)}
+
+
+def _head(spec: dict) -> dict:
+    """What the backend needs of a tokenizer.json besides its ranks (small: cached with them), and the vocabulary
+    size HF reports with added tokens (distinct token strings)."""
+    vocab, added = spec["model"]["vocab"], spec.get("added_tokens", [])
+    return {**{k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")}, "added_tokens": added,
+            "vocab_size": len(vocab.keys() | {t["content"] for t in added})}
 
 
 def _token_sizes(ranks: dict[bytes, int], added: list[dict]) -> np.ndarray:
@@ -246,34 +251,39 @@ class TiktokenBackend:
 
         path = _json_path(tokenizer)
         raw = path.read_bytes() if path is not None else None
-        spec = json.loads(raw) if raw is not None else _load_spec(tokenizer)
-        # the rank table of a tokenizer.json file is cached by its sha256 (packprep.cache): it was written only after
-        # unsupported_reason passed on the same bytes
+        spec = _load_spec(tokenizer) if path is None else None
+        # a tokenizer.json file's rank table and head are cached by its sha256 (packprep.cache); they were written
+        # only after _check passed on the same bytes
         key = cache.key("ranks", hashlib.sha256(raw).hexdigest(), RANKS_VERSION) if raw is not None else None
-        ranks = cache.read_ranks(key) if key else None
-        if ranks is None:
-            if why := unsupported_reason(spec):
+        found = cache.read_table(key) if key else None
+        if found is None:
+            spec = spec if spec is not None else json.loads(raw)
+            why, joined = _check(spec)
+            if why:
                 raise Unrepresentable(f"tiktoken cannot represent this tokenizer: {why}")
-            ranks = _ranks(spec["model"])
+            found = _head(spec), _ranks(spec["model"], joined)
             if key:
-                cache.write_ranks(key, ranks)
-        self._spec, self.name, self.encode_special_tokens = spec, name, encode_special_tokens
-        pattern, _ = _pattern(spec["pre_tokenizer"])
+                cache.write_table(key, *found)
+        head, ranks = found
+        self._source = str(path) if path is not None else spec  # what a pickle carries
+        self.name, self.encode_special_tokens = name, encode_special_tokens
+        self.head, self.vocab_size, self.added_tokens = head, head["vocab_size"], head["added_tokens"]
+        pattern, _ = _pattern(head["pre_tokenizer"])
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        self.token_sizes = _token_sizes(ranks, spec.get("added_tokens", []))
-        self._nfc = bool(_normalizes_nfc(spec.get("normalizer")))
-        added = [t for t in spec.get("added_tokens", []) if t["content"]]
+        self.token_sizes = _token_sizes(ranks, self.added_tokens)
+        self._nfc = bool(_normalizes_nfc(head["normalizer"]))
+        added = [t for t in self.added_tokens if t["content"]]
         self._raw_pass = _AddedTokens([t for t in added if not t.get("normalized")], encode_special_tokens)
         normalized = [dict(t, content=self._normalize(t["content"])) for t in added if t.get("normalized")]
         self._normalized_pass = _AddedTokens(normalized, encode_special_tokens)
-        self._template = _single_template(spec.get("post_processor"))
+        self._template = _single_template(head["post_processor"])
         self._hf = None
 
     def __getstate__(self) -> dict:
-        return {"spec": self._spec, "name": self.name, "encode_special_tokens": self.encode_special_tokens}
+        return {"source": self._source, "name": self.name, "encode_special_tokens": self.encode_special_tokens}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["spec"], state["name"], state["encode_special_tokens"])
+        self.__init__(state["source"], state["name"], state["encode_special_tokens"])
 
     def _normalize(self, text: str) -> str:
         return unicodedata.normalize("NFC", text) if self._nfc else text
@@ -298,7 +308,7 @@ class TiktokenBackend:
         """Token ids of each text, as HF's `encode_batch(texts, add_special_tokens=...)` gives them."""
         if add_special_tokens and self._template is None:
             raise ValueError("tiktoken backend: add_special_tokens=True needs a TemplateProcessing (or no) "
-                             f"post-processor, not {json.dumps(self._spec.get('post_processor'))[:80]}")
+                             f"post-processor, not {json.dumps(self.head['post_processor'])[:80]}")
         encode = self.encoding.encode_ordinary
         plain, needs_split = [], []
         raw, normalized = self._raw_pass.search, self._normalized_pass.search
@@ -332,7 +342,8 @@ class TiktokenBackend:
         if self._hf is None:
             from tokenizers import Tokenizer
 
-            self._hf = Tokenizer.from_str(json.dumps(self._spec))
+            src = self._source
+            self._hf = Tokenizer.from_file(src) if isinstance(src, str) else Tokenizer.from_str(json.dumps(src))
             self._hf.encode_special_tokens = self.encode_special_tokens
         ref = [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
         for i, (a, b) in enumerate(zip(ref, self.encode_batch(texts, add_special_tokens))):

@@ -111,36 +111,48 @@ class Tokenizer:
     special_tokens_in_text: "parse" (HF's default) or "literal" (special-token strings in record text are text)."""
 
     def __init__(self, folder: str | Path, backend: str = "hf", special_tokens_in_text: str = "parse"):
-        from tokenizers import Tokenizer as RustTokenizer
-
         folder = Path(folder)
         self.folder, self.backend, self.literal = folder, backend, special_tokens_in_text == "literal"
-        self.rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+        self._rust, self.tiktoken = None, None
+        if backend == "tiktoken":  # the `tokenizers` one is loaded only if a document needs HF's offsets
+            from packprep.tiktoken_backend import TiktokenBackend
+
+            self.tiktoken = TiktokenBackend(folder / "tokenizer.json", encode_special_tokens=self.literal)
+            added = {t["id"]: (t["content"], t["special"]) for t in self.tiktoken.added_tokens}
+        elif backend == "hf":
+            added = {i: (t.content, t.special) for i, t in self.rust.get_added_tokens_decoder().items()}
+        else:
+            raise ValueError(f"unknown tokenizer backend {backend!r}; expected hf or tiktoken")
         cfg = _read_json(folder / "tokenizer_config.json") or {}
         special = {**(_read_json(folder / "special_tokens_map.json") or {}), **cfg}
         self.special = {k: _token_str(special.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         eos = self.special["eos_token"]
-        self.eos_id = self.rust.token_to_id(eos) if eos else None
+        self.eos_id = next((i for i, (content, _) in added.items() if content == eos), None) if eos else None
+        if self.eos_id is None and eos:  # not an added token: the vocabulary's (HF looks added tokens up first)
+            self.eos_id = self.rust.token_to_id(eos)
         if self.eos_id is None:
             raise ValueError(f"tokenizer {folder}: no EOS token (eos_token in tokenizer_config.json)")
-        added = self.rust.get_added_tokens_decoder()
-        self.special_strings = [t.content for t in added.values() if t.special and t.content]
+        self.special_strings = [content for content, is_special in added.values() if is_special and content]
         self._special_re = re.compile("|".join(map(re.escape, sorted(self.special_strings, key=len, reverse=True))))
         self.chat_template = _chat_template(folder, cfg)
         self.chat = None
         if self.chat_template is not None:
             name = f"the chat template of tokenizer {folder}"
             self.chat = ChatTemplate(self.chat_template, self.special, self.special_strings, name)
-        self.tiktoken = None
-        if backend == "tiktoken":
-            from packprep.tiktoken_backend import TiktokenBackend
 
-            self.tiktoken = TiktokenBackend(folder / "tokenizer.json", encode_special_tokens=self.literal)
-        elif backend != "hf":
-            raise ValueError(f"unknown tokenizer backend {backend!r}; expected hf or tiktoken")
+    @property
+    def rust(self):
+        """The `tokenizers.Tokenizer` of tokenizer.json (with the tiktoken backend: loaded on first use)."""
+        if self._rust is None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self._rust = RustTokenizer.from_file(str(self.folder / "tokenizer.json"))
+        return self._rust
 
     @property
     def vocab_size(self) -> int:
+        if self.tiktoken is not None:
+            return self.tiktoken.vocab_size
         return self.rust.get_vocab_size(with_added_tokens=True)
 
     def holds_special(self, text: str) -> bool:

@@ -15,7 +15,7 @@ from packprep.backend import choose_backend
 from packprep.build import build
 from packprep.config import BuildConfig
 from packprep.inputs import plan_tasks, resolve_inputs
-from packprep.tiktoken_backend import TiktokenBackend, _ranks
+from packprep.tiktoken_backend import TiktokenBackend, _check, _head, _ranks
 from packprep.tokenizer import BUILTIN
 
 pytest.importorskip("tiktoken")
@@ -72,20 +72,20 @@ def test_corrupt_or_unwritable_cache_is_ignored(folder, tmp_path):
 
 def test_rank_table_round_trip_and_tampering(folder):
     spec = json.loads((BUILTIN / "tokenizer.json").read_text())
-    ranks = _ranks(spec["model"])
-    cache.write_ranks("k", ranks)
-    assert cache.read_ranks("k") == ranks
+    head, ranks = _head(spec), _ranks(spec["model"], _check(spec)[1])
+    cache.write_table("k", head, ranks)
+    assert cache.read_table("k") == (head, ranks)
     path = folder / "ranks-k.npz"
     with np.load(path) as f:
         arrays = dict(f)
     arrays["ids"] = arrays["ids"][::-1].copy()  # a well-formed file whose arrays do not hash to its sha256
     np.savez(path, **arrays)
-    assert cache.read_ranks("k") is None
+    assert cache.read_table("k") is None
     path.write_bytes(b"not a zip")
-    assert cache.read_ranks("k") is None and cache.read_ranks("absent") is None
+    assert cache.read_table("k") is None and cache.read_table("absent") is None
     built, loaded = TiktokenBackend(BUILTIN), TiktokenBackend(BUILTIN)  # the second from the cached table
     assert loaded.encoding._mergeable_ranks == built.encoding._mergeable_ranks == ranks
-    assert (loaded.token_sizes == built.token_sizes).all()
+    assert (loaded.token_sizes == built.token_sizes).all() and loaded.head == built.head == head
 
 
 def test_build_logs_whether_the_verdict_was_cached(folder, tmp_path):

@@ -107,6 +107,15 @@ def test_texts_and_chats_equal_hf_on_both_backends(folder):
         assert notes["no_assistant"] == 0
 
 
+def test_tiktoken_tokenizer_reads_what_hf_reads(folder, zoo_root):
+    """EOS id, special strings and vocabulary size come from tokenizer.json (no `tokenizers` load) and equal HF's."""
+    for path in (BUILTIN, folder, family_folder(zoo_root, "bytelevel")):
+        hf, tt = Tokenizer(path, "hf"), Tokenizer(path, "tiktoken")
+        assert (tt.eos_id, sorted(tt.special_strings), tt.vocab_size) == (
+            hf.eos_id, sorted(hf.special_strings), hf.rust.get_vocab_size(with_added_tokens=True))
+        assert tt._rust is None  # nothing above loaded it
+
+
 def test_finish_and_mask_from():
     # flat [5, 6, 7, 2], lens [2, 0, 2], EOS 2: appended after the first document only
     ids, mask, lengths = finish(np.array([5, 6, 7, 2], np.int32), np.array([2, 0, 2]), np.array([0, 1, 1, 1], np.uint8),
