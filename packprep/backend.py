@@ -1,6 +1,7 @@
 """The build's `--tokenizer-backend auto|hf|tiktoken` choice, and the loaded tokenizer of the chosen backend.
 
     backend, why, tok = choose_backend(folder, "auto", tasks)   # tok: a packprep.tokenizer.Tokenizer, loaded once
+    mismatch = check_sample(tiktoken_backend, texts)             # ids only: the first difference from HF, or None
 
 auto: tiktoken when `packprep.tiktoken_backend` can represent the tokenizer.json and the first task's first `sample`
 documents get the same ids, masks and lengths from both backends; else hf, saying why. The verdict is cached
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,37 @@ from packprep import cache
 from packprep.readers import read_task
 
 CHECK_VERSION = 1  # of the check below; part of the verdict's key
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """The first document where the tiktoken backend and HF disagree."""
+
+    index: int          # position of the document in the sample
+    position: int       # first differing token
+    hf: list[int]       # HF's ids from `position` (up to 8)
+    tiktoken: list[int]  # the backend's ids from `position` (up to 8)
+    text: str           # the document's text around the difference (up to 80 characters)
+
+    def __str__(self) -> str:
+        return (f"document {self.index}, token {self.position}: HF {self.hf} vs tiktoken {self.tiktoken} "
+                f"near {self.text!r}")
+
+
+def check_sample(tt, texts: list[str], add_special_tokens: bool = False) -> Mismatch | None:
+    """Encode `texts` with HF `tokenizers` and with the `TiktokenBackend` tt; the first difference, or None."""
+    from tokenizers import Tokenizer
+
+    src = tt._source
+    hf = Tokenizer.from_file(src) if isinstance(src, str) else Tokenizer.from_str(json.dumps(src))
+    hf.encode_special_tokens = tt.encode_special_tokens
+    ref = [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+    for i, (a, b) in enumerate(zip(ref, tt.encode_batch(texts, add_special_tokens))):
+        if a != b:
+            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            near = len(hf.decode(a[:k], skip_special_tokens=False))
+            return Mismatch(i, k, a[k:k + 8], b[k:k + 8], texts[i][max(0, near - 40):near + 40])
+    return None
 
 
 def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_text: str = "parse",

@@ -14,13 +14,13 @@ That covers Qwen 2/2.5/3, Llama 3, GPT-2 style and BPEs trained with `tokenizers
 
 Not provable: tiktoken merges any two adjacent pieces whose bytes form a token, HF only the listed pairs. They agree
 on vocabularies converted from tiktoken (every split is listed) and agreed on every document tried with BPEs trained
-by `tokenizers`, but a caller must check a sample against HF (`check_sample`) before trusting a corpus to it.
+by `tokenizers`, so a caller checks a sample against HF before trusting a corpus to it (`packprep.backend`: the
+build's `--tokenizer-backend auto` check, and `check_sample`).
 
-`packprep.backend` makes the build's `--tokenizer-backend auto|hf|tiktoken` choice with `check_sample`'s idea (a
-sample of the corpus checked against HF, ids and masks).
-
-Cost: building the encoder reads the merges once (~1 s for a 151k vocabulary); encoding is tiktoken's Rust BPE plus
-one regex search per text for added tokens, on one thread unless `num_threads` says otherwise.
+Cost: building the encoder parses tokenizer.json and walks its merges once (seconds for a 151k vocabulary); the rank
+table and the rest of what it needs are then cached by the file's sha256 (`packprep.cache`), and later builds load
+them in a fraction of a second. Encoding is tiktoken's Rust BPE plus one regex search per text for added tokens, on
+one thread unless `num_threads` says otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,21 +140,6 @@ def _check(spec: dict) -> tuple[str | None, list[str]]:
     except regex.error as e:
         return f"pre-tokenizer regex does not compile in Python's regex ({e})", []
     return None, joined
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """The first document where the tiktoken backend and HF disagree."""
-
-    index: int          # position of the document in the sample
-    position: int       # first differing token
-    hf: list[int]       # HF's ids from `position` (up to 8)
-    tiktoken: list[int]  # the backend's ids from `position` (up to 8)
-    text: str           # the document's text around the difference (up to 80 characters)
-
-    def __str__(self) -> str:
-        return (f"document {self.index}, token {self.position}: HF {self.hf} vs tiktoken {self.tiktoken} "
-                f"near {self.text!r}")
 
 
 class _AddedTokens:
@@ -277,7 +261,6 @@ class TiktokenBackend:
         normalized = [dict(t, content=self._normalize(t["content"])) for t in added if t.get("normalized")]
         self._normalized_pass = _AddedTokens(normalized, encode_special_tokens)
         self._template = _single_template(head["post_processor"])
-        self._hf = None
 
     def __getstate__(self) -> dict:
         return {"source": self._source, "name": self.name, "encode_special_tokens": self.encode_special_tokens}
@@ -336,22 +319,6 @@ class TiktokenBackend:
             prefix, suffix = self._template
             out = [prefix + ids + suffix for ids in out]
         return out
-
-    def check_sample(self, texts: list[str], add_special_tokens: bool = False) -> Mismatch | None:
-        """Encode `texts` with HF `tokenizers` and with this backend; the first difference, or None."""
-        if self._hf is None:
-            from tokenizers import Tokenizer
-
-            src = self._source
-            self._hf = Tokenizer.from_file(src) if isinstance(src, str) else Tokenizer.from_str(json.dumps(src))
-            self._hf.encode_special_tokens = self.encode_special_tokens
-        ref = [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        for i, (a, b) in enumerate(zip(ref, self.encode_batch(texts, add_special_tokens))):
-            if a != b:
-                k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                near = len(self._hf.decode(a[:k], skip_special_tokens=False))
-                return Mismatch(i, k, a[k:k + 8], b[k:k + 8], texts[i][max(0, near - 40):near + 40])
-        return None
 
 
 def _single_template(post: dict | None) -> tuple[list[int], list[int]] | None:

@@ -12,12 +12,15 @@ The contract (the model family's own; README "The tokenization contract"):
   chat               exactly the template's tokens (`packprep.chat`), nothing appended; loss on the tokens that
                      overlap the assistant spans (content + end-of-turn marker), as transformers' assistant_masks
 Documents with no tokens are kept as length 0 (dropped and counted later as "empty"). The tiktoken backend
-(`packprep.tiktoken_backend`) gives the same ids; its character offsets come from the tokens' byte lengths.
+(`packprep.tiktoken_backend`) gives the same ids; its offsets are byte offsets from the tokens' byte sizes, computed
+over the whole batch (`packprep.offsets`); a document they do not add up for gets HF's ids and offsets.
 
-Cost: the backend's batch encode plus ~45 ns per token to copy the ids into numpy; prompt/completion and chat use
-the encode with offsets (slower than the fast encode) and a numpy pass per document; chat adds the renders of
-`packprep.chat`. Memory per worker: one task's text and tokens (a few times `chunk_bytes`). Only `tokenizers`,
-`jinja2`, numpy and pyarrow are imported here (not transformers), so a worker starts in a fraction of a second.
+Cost: the backend's batch encode, ~40 ns per token to copy the ids into numpy, then a few numpy passes over the
+batch (no numpy call per document). HF's prompt/completion and chat path uses the encode with offsets (slower than
+the fast encode) and a numpy pass per document; chat adds the renders of `packprep.chat`. Memory per worker: one
+task's text and tokens (a few times `chunk_bytes`). Only `tokenizers` (with the tiktoken backend: only when a
+document needs HF's offsets), `jinja2`, numpy and pyarrow are imported here (not transformers), so a worker starts
+in a fraction of a second.
 """
 
 from __future__ import annotations
