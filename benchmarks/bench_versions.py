@@ -5,9 +5,13 @@ faster than the build we had" (issue 10). Each version is a source tree (a git w
 PYTHONPATH=TREE; the raw HF tokenizer program of bench_build.py runs in the same rounds as the baseline a user would
 compare against.
 
+Every build starts with an empty packprep cache folder (PACKPREP_CACHE, `packprep.cache`: the auto backend's verdict
+and the tiktoken rank table), so each one pays what a first build pays; --warm-cache shares one folder across all
+builds instead (a rebuild or a second build of the same corpus and tokenizer).
+
 usage: git worktree add --detach /tmp/v0 71937d8
        python benchmarks/bench_versions.py --version before=/tmp/v0 --version after=. [--scale 10] [--rounds 2]
-           [--extra "after=--tokenizer-backend tiktoken"] [--json out.json]
+           [--extra "after=--tokenizer-backend tiktoken"] [--warm-cache] [--json out.json]
        (the same tree may appear twice under two names with different --extra flags)
 """
 
@@ -18,6 +22,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_build as bb  # noqa: E402  (corpus, tokenizer and the measuring probe live there)
 
 
-def build(tree: Path, corpus: Path, out: Path, workers: int, extra: list[str]) -> dict:
+def build(tree: Path, corpus: Path, out: Path, workers: int, extra: list[str], cache: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "packprep.cli", "build", str(corpus), "--tokenizer", str(bb.TOKENIZER), "--seq-len",
            str(bb.SEQ_LEN), "--out", str(out), "--workers", str(workers), "--overwrite", "-q", *extra]
     subprocess.run(["rm", "-rf", str(out)])
@@ -35,16 +40,15 @@ def build(tree: Path, corpus: Path, out: Path, workers: int, extra: list[str]) -
     probe = subprocess.run([sys.executable, "-c", "import packprep; print(packprep.__file__)"], env=env,
                            capture_output=True, text=True, cwd="/").stdout.strip()
     assert probe.startswith(str(tree.resolve())), f"PYTHONPATH={tree} imports packprep from {probe}"
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree.resolve())
-    try:
-        res = bb.measure(cmd)
-    finally:
-        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+    fresh = None if cache else tempfile.mkdtemp(prefix="packprep-cache-")
+    res = bb.measure(cmd, env={"PYTHONPATH": str(tree.resolve()), "PACKPREP_CACHE": cache or fresh})
+    if fresh:
+        shutil.rmtree(fresh, ignore_errors=True)
     manifest = json.loads((out / "packprep.json").read_text())
     res["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("data-*.arrow"))}
     res["tokens"] = manifest["counts"]["tokens"]
     res["timings"] = manifest.get("timings")
+    res["backend"] = {k: manifest["tokenizer"].get(k) for k in ("backend", "backend_reason")}
     res.pop("out"), res.pop("err")
     subprocess.run(["rm", "-rf", str(out)])
     return res
@@ -58,10 +62,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--no-raw", action="store_true", help="skip the raw HF tokenizer program")
     ap.add_argument("--extra", action="append", default=[], help="NAME=FLAGS: extra build flags for one version")
+    ap.add_argument("--warm-cache", action="store_true", help="one packprep cache folder for all builds (default: "
+                    "an empty one per build)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    versions = {n: str(Path(t).resolve()) for n, t in (v.split("=", 1) for v in a.version)}  # before the chdir
+    a.json = a.json and str(Path(a.json).resolve())
     os.chdir(tempfile.gettempdir())  # `python -m` puts the working directory first on sys.path, before PYTHONPATH
-    versions = dict(v.split("=", 1) for v in a.version)
     extras = dict(e.split("=", 1) for e in a.extra)
     corpus = bb.make_corpus(a.scale)
     if not (bb.TOKENIZER / "tokenizer.json").exists():
@@ -69,10 +76,11 @@ def main() -> None:
     print(f"uptime: {bb.uptime()}\ncorpus {corpus.name} ({corpus.stat().st_size / 1e6:.0f} MB), workers {a.workers}")
     runs: dict[str, list] = {name: [] for name in versions}
     runs["raw-hf-tokenizer"] = []
+    cache = tempfile.mkdtemp(prefix="packprep-cache-") if a.warm_cache else None
     for rnd in range(a.rounds):
         for name, tree in versions.items():
             extra = shlex.split(extras.get(name, ""))
-            r = build(Path(tree), corpus, bb.CACHE / f"out_versions_{name}", a.workers, extra)
+            r = build(Path(tree), corpus, bb.CACHE / f"out_versions_{name}", a.workers, extra, cache)
             runs[name].append(r)
             print(f"  round {rnd} {name:>8}: wall {r['wall']:7.2f}s  peak RSS {r['rss_mb']:5.0f} MB  "
                   f"tokens {r['tokens']:,}  {r['timings']}", flush=True)
@@ -93,7 +101,11 @@ def main() -> None:
     for n in names:
         print(f"  sha256 {n}: {runs[n][0]['sha256']}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"uptime": bb.uptime(), "corpus": str(corpus), "runs": runs}, indent=1))
+        Path(a.json).write_text(json.dumps({"uptime": bb.uptime(), "corpus": str(corpus), "workers": a.workers,
+                                            "cache": "warm" if cache else "cold", "best_wall": best, "runs": runs},
+                                           indent=1))
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from packprep import layout, manifest, mixture, remote, spool, storage, workdir
+from packprep.backend import choose_backend
 from packprep.config import BuildConfig
 from packprep.executor import Executor, LocalExecutor, make_executor
 from packprep.inputs import (
     DEFAULT_CORPUS,
     TASK_PLAN_VERSION,
+    Expansion,
     check_apart,
     check_unchanged,
     expand_inputs,
@@ -40,7 +42,6 @@ from packprep.inputs import (
 )
 from packprep.report import Progress
 from packprep.shards import write_hf_metadata
-from packprep.tiktoken_backend import choose_backend
 from packprep.tokenizer import (
     TokenizeContext,
     Tokenizer,
@@ -88,13 +89,16 @@ def _build(config: BuildConfig, progress: Progress, executor: Executor, out: Pat
     inputs = list(config.inputs) or [p for s in config.sources for p in s.paths] or [DEFAULT_CORPUS]
     # bad paths fail first, before touching `out`; a mixture's files are resolved per source
     source_files = mixture.resolve(config.sources) if config.sources else None
-    expansion = expand_inputs(inputs) if config.inputs else None
+    listed = [expand_inputs([s]) for s in inputs] if config.inputs else None  # each spec listed once
+    expansion = Expansion(sum((e.files for e in listed), []), sum((e.ignored for e in listed), [])) if listed else None
     files = sum(source_files, []) if config.sources else expansion.files if expansion else None
     if files:
         check_apart(inputs, files, out)
     if expansion:
         log_expansion(progress, expansion)
-    fingerprints = [fingerprint(s) for s in inputs]  # content hashes: a rewritten input is another build
+    # content hashes, once here and once after tokenizing (check_unchanged): a rewritten input is another build
+    fingerprints = [fingerprint(s, e.files) for s, e in zip(inputs, listed)] if listed else [
+        fingerprint(s) for s in inputs]
     ident = workdir.identity(config, fingerprints, TASK_PLAN_VERSION, tokenizer_fingerprint(config.tokenizer))
     if url and (published := remote.check(url, ident, config.overwrite)) is not None:
         return BuildResult(url, published, already_built=True)
@@ -236,8 +240,7 @@ def _load_tokenizer(tok_dir: Path, config: BuildConfig, tasks) -> tuple[str, str
     """The tokenizer backend (`--tokenizer-backend`, auto: tiktoken where it equals HF on the first task) and the
     tokenizer; a truncated or foreign tokenizer.json is one line, not the tokenizers library's bare Exception."""
     try:
-        backend, why = choose_backend(tok_dir, config.tokenizer_backend, tasks, config.special_tokens_in_text)
-        return backend, why, Tokenizer(tok_dir, backend, config.special_tokens_in_text)
+        return choose_backend(tok_dir, config.tokenizer_backend, tasks, config.special_tokens_in_text)
     except (ValueError, ImportError, OSError) as e:
         if not isinstance(e, json.JSONDecodeError):
             raise

@@ -6,7 +6,8 @@ The build calls stage functions `fn(task, ctx) -> result` that are pure module-l
 (a finished task's output is recognised and reused) and independent of where they run, and it orders results by
 task index itself, so any executor that runs each task once gives the same bytes. `LocalExecutor` runs them in this
 process (workers=1) or in a pool of worker processes (fork on Linux: a worker starts in milliseconds; the
-workers inherit the tokenizer the driver loaded, and a spawned or Ray worker loads its own on its first task;
+workers inherit the tokenizer the driver loaded, and a spawned or Ray worker loads its own on its first task, the
+tiktoken rank table from the cache folder the driver filled (`packprep.cache`), not rebuilt;
 `TOKENIZERS_PARALLELISM=false` so each worker uses one core). A cluster executor (Ray) implements the same `imap`.
 A worker killed by the OS (the OOM killer) ends the build with `WorkerDiedError`, one line that says to rerun the
 same command. Costs: one pickle of (task, ctx) and of the small result per task.

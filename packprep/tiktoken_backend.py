@@ -14,25 +14,28 @@ That covers Qwen 2/2.5/3, Llama 3, GPT-2 style and BPEs trained with `tokenizers
 
 Not provable: tiktoken merges any two adjacent pieces whose bytes form a token, HF only the listed pairs. They agree
 on vocabularies converted from tiktoken (every split is listed) and agreed on every document tried with BPEs trained
-by `tokenizers`, but a caller must check a sample against HF (`check_sample`) before trusting a corpus to it.
+by `tokenizers`, so a caller checks a sample against HF before trusting a corpus to it (`packprep.backend`: the
+build's `--tokenizer-backend auto` check, and `check_sample`).
 
-`choose_backend` makes the build's `--tokenizer-backend auto|hf|tiktoken` choice (a sample of the corpus checked
-against HF, ids and masks).
-
-Cost: building the encoder reads the merges once (~1 s for a 151k vocabulary); encoding is tiktoken's Rust BPE plus
-one regex search per text for added tokens, on one thread unless `num_threads` says otherwise.
+Cost: building the encoder parses tokenizer.json and walks its merges once (seconds for a 151k vocabulary); the rank
+table and the rest of what it needs are then cached by the file's sha256 (`packprep.cache`), and later builds load
+them in a fraction of a second. Encoding is tiktoken's Rust BPE plus one regex search per text for added tokens, on
+one thread unless `num_threads` says otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import regex
 
+from packprep import cache
+
+RANKS_VERSION = 1  # of `_ranks`: part of the cached rank table's key
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # `tokenizers`' AddedVocabulary uses Rust regex's Unicode \w and \s; spelled out so Python matches the same chars.
 _WORD = r"[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}]"
@@ -98,63 +101,45 @@ def unsupported_reason(tokenizer) -> str | None:
 
     `tokenizer`: a `tokenizers.Tokenizer`, a tokenizer.json path, a folder holding one, or the parsed dict.
     """
-    spec = _load_spec(tokenizer)
+    return _check(_load_spec(tokenizer))[0]
+
+
+def _check(spec: dict) -> tuple[str | None, list[str]]:
+    """(why not representable or None, each merge's result token: "a" + "b")."""
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        return f"model {model.get('type')} is not BPE"
+        return f"model {model.get('type')} is not BPE", []
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            return f"BPE with {key}={model[key]!r}"
+            return f"BPE with {key}={model[key]!r}", []
     if model.get("byte_fallback"):
-        return "BPE with byte_fallback (SentencePiece style, not byte-level)"
+        return "BPE with byte_fallback (SentencePiece style, not byte-level)", []
     if spec.get("truncation") or spec.get("padding"):
-        return "tokenizer.json sets truncation or padding"
+        return "tokenizer.json sets truncation or padding", []
     if _normalizes_nfc(spec.get("normalizer")) is None:
-        return f"normalizer {json.dumps(spec['normalizer'])[:120]} (only none or NFC is represented)"
+        return f"normalizer {json.dumps(spec['normalizer'])[:120]} (only none or NFC is represented)", []
     pattern, why = _pattern(spec.get("pre_tokenizer"))
     if why:
-        return why
+        return why, []
     symbols = _byte_decoder()
     vocab = model.get("vocab", {})
     if missing := [s for s in symbols if s not in vocab]:
-        return f"{len(missing)} of the 256 byte-level symbols are not in the vocabulary (not a byte-level BPE)"
+        return f"{len(missing)} of the 256 byte-level symbols are not in the vocabulary (not a byte-level BPE)", []
     if not set("".join(vocab)) <= symbols.keys():
-        return "vocabulary tokens outside the byte-level alphabet"
-    previous = -1
-    for a, b in map(_pair, model.get("merges", [])):
-        merged = vocab.get(a + b)
-        if merged is None:
-            return f"merge {a!r} + {b!r} makes no vocabulary token"
-        if merged < previous:
-            return "merge results' ids are not in merge order (tiktoken ranks merges by token id)"
-        previous = merged
+        return "vocabulary tokens outside the byte-level alphabet", []
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]  # older files: "a b"
+    joined = [a + b for a, b in pairs]
+    merged = [vocab.get(t) for t in joined]
+    if None in merged:
+        a, b = pairs[merged.index(None)]
+        return f"merge {a!r} + {b!r} makes no vocabulary token", []
+    if len(merged) > 1 and (np.diff(np.array(merged, np.int64)) < 0).any():
+        return "merge results' ids are not in merge order (tiktoken ranks merges by token id)", []
     try:
         regex.compile(pattern)
     except regex.error as e:
-        return f"pre-tokenizer regex does not compile in Python's regex ({e})"
-    return None
-
-
-def _pair(merge) -> tuple[str, str]:
-    if isinstance(merge, str):  # older tokenizer.json: "a b"
-        a, b = merge.split(" ")
-        return a, b
-    return merge[0], merge[1]
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """The first document where the tiktoken backend and HF disagree."""
-
-    index: int          # position of the document in the sample
-    position: int       # first differing token
-    hf: list[int]       # HF's ids from `position` (up to 8)
-    tiktoken: list[int]  # the backend's ids from `position` (up to 8)
-    text: str           # the document's text around the difference (up to 80 characters)
-
-    def __str__(self) -> str:
-        return (f"document {self.index}, token {self.position}: HF {self.hf} vs tiktoken {self.tiktoken} "
-                f"near {self.text!r}")
+        return f"pre-tokenizer regex does not compile in Python's regex ({e})", []
+    return None, joined
 
 
 class _AddedTokens:
@@ -192,6 +177,50 @@ class _AddedTokens:
         return out
 
 
+class Unrepresentable(ValueError):
+    """tiktoken cannot represent this tokenizer.json exactly (the message says why)."""
+
+
+def _json_path(tokenizer) -> Path | None:
+    """The tokenizer.json file `tokenizer` names (a path or a folder), or None (a dict or a tokenizers.Tokenizer)."""
+    if isinstance(tokenizer, dict) or hasattr(tokenizer, "to_str"):
+        return None
+    path = Path(tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"no tokenizer.json at {path}")
+    return path
+
+
+def _ranks(model: dict, joined: list[str]) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks of a byte-level BPE: each token's bytes -> its id (joined: `_check`'s)."""
+    symbols = _byte_decoder()
+    reached = set(joined) | set(symbols)
+    # A token no merge makes is never produced by HF's BPE (unless ignore_merges looks whole words up): keep it
+    # out of tiktoken's ranks, or tiktoken's whole-piece lookup would produce it.
+    keep = (lambda t: True) if model.get("ignore_merges") else reached.__contains__
+    to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # symbol -> the byte, as a latin-1 char
+    return {token.translate(to_latin1).encode("latin-1"): i for token, i in model["vocab"].items() if keep(token)}
+
+
+def _head(spec: dict) -> dict:
+    """What the backend needs of a tokenizer.json besides its ranks (small: cached with them), and the vocabulary
+    size HF reports with added tokens (distinct token strings)."""
+    vocab, added = spec["model"]["vocab"], spec.get("added_tokens", [])
+    return {**{k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")}, "added_tokens": added,
+            "vocab_size": len(vocab.keys() | {t["content"] for t in added})}
+
+
+def _token_sizes(ranks: dict[bytes, int], added: list[dict]) -> np.ndarray:
+    """Bytes each token id stands for: a BPE token's bytes, an added token's UTF-8 content (0: never produced)."""
+    n = max([-1, *ranks.values(), *(t["id"] for t in added)]) + 1
+    sizes = np.zeros(n, np.int64)
+    sizes[np.fromiter(ranks.values(), np.int64, len(ranks))] = np.fromiter(map(len, ranks), np.int64, len(ranks))
+    for t in added:
+        sizes[t["id"]] = len(t["content"].encode("utf-8"))
+    return sizes
+
+
 class TiktokenBackend:
     """HF-equivalent encoding of a byte-level BPE through tiktoken. Raises ValueError when not representable.
 
@@ -204,33 +233,40 @@ class TiktokenBackend:
     def __init__(self, tokenizer, name: str = "hf", encode_special_tokens: bool = False):
         import tiktoken
 
-        spec = _load_spec(tokenizer)
-        if why := unsupported_reason(spec):
-            raise ValueError(f"tiktoken cannot represent this tokenizer: {why}")
-        self._spec, self.name, self.encode_special_tokens = spec, name, encode_special_tokens
-        model = spec["model"]
-        symbols = _byte_decoder()
-        reached = {a + b for a, b in map(_pair, model["merges"])} | set(symbols)
-        # A token no merge makes is never produced by HF's BPE (unless ignore_merges looks whole words up): keep it
-        # out of tiktoken's ranks, or tiktoken's whole-piece lookup would produce it.
-        keep = (lambda t: True) if model.get("ignore_merges") else reached.__contains__
-        to_latin1 = str.maketrans({c: chr(b) for c, b in symbols.items()})  # symbol -> the byte, as a latin-1 char
-        ranks = {token.translate(to_latin1).encode("latin-1"): i for token, i in model["vocab"].items() if keep(token)}
-        pattern, _ = _pattern(spec["pre_tokenizer"])
+        path = _json_path(tokenizer)
+        raw = path.read_bytes() if path is not None else None
+        spec = _load_spec(tokenizer) if path is None else None
+        # a tokenizer.json file's rank table and head are cached by its sha256 (packprep.cache); they were written
+        # only after _check passed on the same bytes
+        key = cache.key("ranks", hashlib.sha256(raw).hexdigest(), RANKS_VERSION) if raw is not None else None
+        found = cache.read_table(key) if key else None
+        if found is None:
+            spec = spec if spec is not None else json.loads(raw)
+            why, joined = _check(spec)
+            if why:
+                raise Unrepresentable(f"tiktoken cannot represent this tokenizer: {why}")
+            found = _head(spec), _ranks(spec["model"], joined)
+            if key:
+                cache.write_table(key, *found)
+        head, ranks = found
+        self._source = str(path) if path is not None else spec  # what a pickle carries
+        self.name, self.encode_special_tokens = name, encode_special_tokens
+        self.head, self.vocab_size, self.added_tokens = head, head["vocab_size"], head["added_tokens"]
+        pattern, _ = _pattern(head["pre_tokenizer"])
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        self._nfc = bool(_normalizes_nfc(spec.get("normalizer")))
-        added = [t for t in spec.get("added_tokens", []) if t["content"]]
+        self.token_sizes = _token_sizes(ranks, self.added_tokens)
+        self._nfc = bool(_normalizes_nfc(head["normalizer"]))
+        added = [t for t in self.added_tokens if t["content"]]
         self._raw_pass = _AddedTokens([t for t in added if not t.get("normalized")], encode_special_tokens)
         normalized = [dict(t, content=self._normalize(t["content"])) for t in added if t.get("normalized")]
         self._normalized_pass = _AddedTokens(normalized, encode_special_tokens)
-        self._template = _single_template(spec.get("post_processor"))
-        self._hf = None
+        self._template = _single_template(head["post_processor"])
 
     def __getstate__(self) -> dict:
-        return {"spec": self._spec, "name": self.name, "encode_special_tokens": self.encode_special_tokens}
+        return {"source": self._source, "name": self.name, "encode_special_tokens": self.encode_special_tokens}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["spec"], state["name"], state["encode_special_tokens"])
+        self.__init__(state["source"], state["name"], state["encode_special_tokens"])
 
     def _normalize(self, text: str) -> str:
         return unicodedata.normalize("NFC", text) if self._nfc else text
@@ -255,7 +291,7 @@ class TiktokenBackend:
         """Token ids of each text, as HF's `encode_batch(texts, add_special_tokens=...)` gives them."""
         if add_special_tokens and self._template is None:
             raise ValueError("tiktoken backend: add_special_tokens=True needs a TemplateProcessing (or no) "
-                             f"post-processor, not {json.dumps(self._spec.get('post_processor'))[:80]}")
+                             f"post-processor, not {json.dumps(self.head['post_processor'])[:80]}")
         encode = self.encoding.encode_ordinary
         plain, needs_split = [], []
         raw, normalized = self._raw_pass.search, self._normalized_pass.search
@@ -284,21 +320,6 @@ class TiktokenBackend:
             out = [prefix + ids + suffix for ids in out]
         return out
 
-    def check_sample(self, texts: list[str], add_special_tokens: bool = False) -> Mismatch | None:
-        """Encode `texts` with HF `tokenizers` and with this backend; the first difference, or None."""
-        if self._hf is None:
-            from tokenizers import Tokenizer
-
-            self._hf = Tokenizer.from_str(json.dumps(self._spec))
-            self._hf.encode_special_tokens = self.encode_special_tokens
-        ref = [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        for i, (a, b) in enumerate(zip(ref, self.encode_batch(texts, add_special_tokens))):
-            if a != b:
-                k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                near = len(self._hf.decode(a[:k], skip_special_tokens=False))
-                return Mismatch(i, k, a[k:k + 8], b[k:k + 8], texts[i][max(0, near - 40):near + 40])
-        return None
-
 
 def _single_template(post: dict | None) -> tuple[list[int], list[int]] | None:
     """(ids before, ids after) a single sequence for add_special_tokens=True, or None if not representable."""
@@ -320,38 +341,3 @@ def _single_template(post: dict | None) -> tuple[list[int], list[int]] | None:
         else:
             (after if seen else before).extend(post["special_tokens"][item["SpecialToken"]["id"]]["ids"])
     return before, after
-
-
-def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_text: str = "parse",
-                   sample: int = 2048) -> tuple[str, str]:
-    """(backend, why) for --tokenizer-backend: tiktoken when asked, or, for auto, when `tiktoken_backend` can
-    represent the tokenizer.json and the first task's first `sample` documents get the same ids, masks and lengths
-    from both (bad records are left out of the sample: the build reports them)."""
-    if requested != "auto":
-        return requested, f"--tokenizer-backend {requested}"
-    from packprep.readers import read_task
-    from packprep.tokenizer import Tokenizer, chat_renderer
-
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
-        return "hf", "auto: tiktoken is not installed (pip install tiktoken)"
-    why = unsupported_reason(Path(folder) / "tokenizer.json")
-    if why:
-        return "hf", f"auto: tiktoken cannot represent this tokenizer ({why})"
-    hf, tt = Tokenizer(folder, "hf", special_tokens_in_text), Tokenizer(folder, "tiktoken", special_tokens_in_text)
-    n = 0
-    for task in tasks[:1]:
-        chats = task.format.name in ("chat", "sharegpt")
-        if chats and (hf.chat is None or hf.literal):
-            return "hf", "auto: chats need HF's parse of the template's special tokens here"
-        render = chat_renderer(hf, skip=True) if chats else None
-        docs = next(iter(read_task(task, batch_rows=sample, rejects=[], render=render)), None)
-        if docs is None or not len(docs):
-            continue
-        a, b = hf.encode(docs), tt.encode(docs)
-        if not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])):
-            k = int(np.flatnonzero(np.asarray(a[0][: len(b[0])]) != b[0][: len(a[0])])[:1].sum())
-            return "hf", f"auto: tiktoken differs from HF on the first task's sample (token {n + k}); using HF"
-        n += len(a[0])
-    return "tiktoken", f"auto: tiktoken equals HF on the first task's sample ({n} tokens)"

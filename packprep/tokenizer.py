@@ -12,12 +12,15 @@ The contract (the model family's own; README "The tokenization contract"):
   chat               exactly the template's tokens (`packprep.chat`), nothing appended; loss on the tokens that
                      overlap the assistant spans (content + end-of-turn marker), as transformers' assistant_masks
 Documents with no tokens are kept as length 0 (dropped and counted later as "empty"). The tiktoken backend
-(`packprep.tiktoken_backend`) gives the same ids; its character offsets come from the tokens' byte lengths.
+(`packprep.tiktoken_backend`) gives the same ids; its offsets are byte offsets from the tokens' byte sizes, computed
+over the whole batch (`packprep.offsets`); a document they do not add up for gets HF's ids and offsets.
 
-Cost: the backend's batch encode plus ~45 ns per token to copy the ids into numpy; prompt/completion and chat use
-the encode with offsets (slower than the fast encode) and a numpy pass per document; chat adds the renders of
-`packprep.chat`. Memory per worker: one task's text and tokens (a few times `chunk_bytes`). Only `tokenizers`,
-`jinja2`, numpy and pyarrow are imported here (not transformers), so a worker starts in a fraction of a second.
+Cost: the backend's batch encode, ~40 ns per token to copy the ids into numpy, then a few numpy passes over the
+batch (no numpy call per document). HF's prompt/completion and chat path uses the encode with offsets (slower than
+the fast encode) and a numpy pass per document; chat adds the renders of `packprep.chat`. Memory per worker: one
+task's text and tokens (a few times `chunk_bytes`). Only `tokenizers` (with the tiktoken backend: only when a
+document needs HF's offsets), `jinja2`, numpy and pyarrow are imported here (not transformers), so a worker starts
+in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,17 @@ import numpy as np
 from packprep import spool
 from packprep.chat import ChatTemplate, chat_renderer
 from packprep.inputs import ReadTask
+from packprep.offsets import (
+    drop_empty,
+    finish,
+    flatten,
+    loss_starts,
+    mask_from,
+    replace_docs,
+    span_mask,
+    tiktoken_batch,
+    utf8_lengths,
+)
 from packprep.readers import read_task
 from packprep.records import Docs, Reject
 
@@ -59,7 +71,11 @@ def resolve_tokenizer(name: str, work: Path | None = None) -> Path:
     # A hub name, or a folder with only a slow tokenizer: let transformers fetch/convert it once, then save it.
     try:
         from transformers import AutoTokenizer
-
+    except ImportError:
+        what = "the folder has no tokenizer.json" if p.exists() else "not a local folder with tokenizer.json"
+        raise ImportError(f'tokenizer {name!r}: {what}; a hub name or a slow tokenizer needs transformers: pip install '
+                          '"packprep[hf]" (or pass a local folder with tokenizer.json)') from None
+    try:
         hf = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - any failure here means "no usable tokenizer"
         where = "the folder has no tokenizer.json" if p.exists() else "not a local path, and the hub gave no tokenizer"
@@ -98,37 +114,48 @@ class Tokenizer:
     special_tokens_in_text: "parse" (HF's default) or "literal" (special-token strings in record text are text)."""
 
     def __init__(self, folder: str | Path, backend: str = "hf", special_tokens_in_text: str = "parse"):
-        from tokenizers import Tokenizer as RustTokenizer
-
         folder = Path(folder)
         self.folder, self.backend, self.literal = folder, backend, special_tokens_in_text == "literal"
-        self.rust = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+        self._rust, self.tiktoken = None, None
+        if backend == "tiktoken":  # the `tokenizers` one is loaded only if a document needs HF's offsets
+            from packprep.tiktoken_backend import TiktokenBackend
+
+            self.tiktoken = TiktokenBackend(folder / "tokenizer.json", encode_special_tokens=self.literal)
+            added = {t["id"]: (t["content"], t["special"]) for t in self.tiktoken.added_tokens}
+        elif backend == "hf":
+            added = {i: (t.content, t.special) for i, t in self.rust.get_added_tokens_decoder().items()}
+        else:
+            raise ValueError(f"unknown tokenizer backend {backend!r}; expected hf or tiktoken")
         cfg = _read_json(folder / "tokenizer_config.json") or {}
         special = {**(_read_json(folder / "special_tokens_map.json") or {}), **cfg}
         self.special = {k: _token_str(special.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         eos = self.special["eos_token"]
-        self.eos_id = self.rust.token_to_id(eos) if eos else None
+        self.eos_id = next((i for i, (content, _) in added.items() if content == eos), None) if eos else None
+        if self.eos_id is None and eos:  # not an added token: the vocabulary's (HF looks added tokens up first)
+            self.eos_id = self.rust.token_to_id(eos)
         if self.eos_id is None:
             raise ValueError(f"tokenizer {folder}: no EOS token (eos_token in tokenizer_config.json)")
-        added = self.rust.get_added_tokens_decoder()
-        self.special_strings = [t.content for t in added.values() if t.special and t.content]
+        self.special_strings = [content for content, is_special in added.values() if is_special and content]
         self._special_re = re.compile("|".join(map(re.escape, sorted(self.special_strings, key=len, reverse=True))))
         self.chat_template = _chat_template(folder, cfg)
         self.chat = None
         if self.chat_template is not None:
             name = f"the chat template of tokenizer {folder}"
             self.chat = ChatTemplate(self.chat_template, self.special, self.special_strings, name)
-        self.tiktoken = None
-        if backend == "tiktoken":
-            from packprep.tiktoken_backend import TiktokenBackend
 
-            self.tiktoken = TiktokenBackend(folder / "tokenizer.json", encode_special_tokens=self.literal)
-            self._token_bytes = None
-        elif backend != "hf":
-            raise ValueError(f"unknown tokenizer backend {backend!r}; expected hf or tiktoken")
+    @property
+    def rust(self):
+        """The `tokenizers.Tokenizer` of tokenizer.json (with the tiktoken backend: loaded on first use)."""
+        if self._rust is None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self._rust = RustTokenizer.from_file(str(self.folder / "tokenizer.json"))
+        return self._rust
 
     @property
     def vocab_size(self) -> int:
+        if self.tiktoken is not None:
+            return self.tiktoken.vocab_size
         return self.rust.get_vocab_size(with_added_tokens=True)
 
     def holds_special(self, text: str) -> bool:
@@ -146,32 +173,30 @@ class Tokenizer:
 
     # -- text: tokenizer(text) with its own special tokens, then EOS unless already last; every token carries loss
     def _encode_texts(self, texts: list[str]):
-        ids = self._ids(texts, add_special_tokens=True)
-        masks = [None if t else _EMPTY for t in texts]
+        flat, lens = flatten(self._ids(texts, add_special_tokens=True))
+        flat, lens, mask = drop_empty(flat, lens, np.ones(len(flat), np.uint8), texts)
         notes = {"special_in_text": sum(map(self.holds_special, texts))}
-        return (*self._flatten(ids, masks, eos=True), notes)
+        return (*finish(flat, lens, mask, self.eos_id, eos=True), notes)
 
     # -- prompt/completion: tokenizer(prompt + completion) as one string; loss from the first token at or after the
     #    completion's first character, and on the EOS
     def _encode_pairs(self, prompts: list[str], completions: list[str]):
         texts = [p + c for p, c in zip(prompts, completions)]
-        encoded = iter(self._offsets([t for t in texts if t], add_special_tokens=True))
-        ids, masks = [], []
-        for p, text in zip(prompts, texts):
-            if not text:
-                ids.append([])
-                masks.append(_EMPTY)
-                continue
-            tok, starts, ends, added = next(encoded)
-            content = np.flatnonzero(~added & (starts >= len(p)))
+
+        def hf_mask(i, starts, ends, added):  # HF's character offsets
+            content = np.flatnonzero(~added & (starts >= len(prompts[i])))
             first = int(content[0]) if len(content) else int(np.flatnonzero(~added)[-1]) + 1 if (~added).any() else 0
-            m = np.zeros(len(tok), np.uint8)
-            m[first:] = 1
-            ids.append(tok)
-            masks.append(m)
+            return (np.arange(len(starts)) >= first).astype(np.uint8)
+
+        batch = mask = None
+        if self.tiktoken is not None:  # byte offsets over the whole batch (packprep.offsets)
+            batch = tiktoken_batch(self.tiktoken, texts, add_special_tokens=True)
+            mask = mask_from(batch.lens, loss_starts(batch, utf8_lengths(prompts)))
+        flat, lens, mask = self._hf_where_inexact(batch, mask, texts, True, hf_mask)
+        flat, lens, mask = drop_empty(flat, lens, mask, texts)  # an empty document stays empty (no BOS, no EOS)
         notes = {"special_in_text": sum(self.holds_special(p) or self.holds_special(c)
                                         for p, c in zip(prompts, completions))}
-        return (*self._flatten(ids, masks, eos=True), notes)
+        return (*finish(flat, lens, mask, self.eos_id, eos=True), notes)
 
     # -- chat: exactly the template's tokens, nothing appended; loss on the assistant spans (packprep.chat)
     def _encode_chats(self, docs: Docs):
@@ -182,16 +207,24 @@ class Tokenizer:
             raise ValueError("--special-tokens-in-text literal applies to text and prompt/completion records; a chat "
                              "template writes its own special tokens into the same text, so chats keep HF's parse")
         rendered = docs.rendered if docs.rendered is not None else [self.chat.render(c) for c in docs.chats]
-        ids, masks = [], []
-        for (text, spans), (tok, starts, ends, _) in zip(rendered, self._offsets([t for t, _ in rendered], False)):
-            m = np.zeros(len(tok), np.uint8)
-            for a, b in spans:  # every token overlapping a span, as transformers' assistant_masks
+        texts = [text for text, _ in rendered]
+
+        def hf_mask(i, starts, ends, added):  # every token overlapping a span, as transformers' assistant_masks
+            m = np.zeros(len(starts), np.uint8)
+            for a, b in rendered[i][1]:
                 m[(starts < b) & (ends > a)] = 1
-            ids.append(tok)
-            masks.append(m)
+            return m
+
+        batch = mask = None
+        if self.tiktoken is not None:
+            batch = tiktoken_batch(self.tiktoken, texts, add_special_tokens=False)
+            mask = span_mask(batch, [[(len(t[:a].encode()), len(t[:b].encode())) for a, b in spans]
+                                     for t, spans in rendered])
+        flat, lens, mask = self._hf_where_inexact(batch, mask, texts, False, hf_mask)
+        loss = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])[np.cumsum(lens)]  # loss tokens up to each end
         notes = {"special_in_text": sum(any(self.holds_special(t) for t in _message_texts(c)) for c in docs.chats),
-                 "no_assistant": sum(1 for m in masks if len(m) and not m.any())}
-        return (*self._flatten(ids, masks, eos=False), notes)
+                 "no_assistant": int(((lens > 0) & (np.diff(loss, prepend=0) == 0)).sum())}
+        return (*finish(flat, lens, mask, self.eos_id, eos=False), notes)
 
     def _ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if self.tiktoken is not None:
@@ -202,87 +235,27 @@ class Tokenizer:
         finally:
             self.rust.encode_special_tokens = False
 
-    def _offsets(self, texts: list[str], add_special_tokens: bool) -> list[tuple]:
-        """Per text: (ids, token start chars, token end chars, added-by-post-processor flags), HF's offsets, from
-        one batch encode. With tiktoken, offsets come from the tokens' byte lengths; a text they do not add up for
-        (NFC changed it, an added token stripped spaces) is encoded by HF instead."""
-        out = [self._tiktoken_offsets(t, add_special_tokens) for t in texts] if self.tiktoken else [None] * len(texts)
-        todo = [i for i, o in enumerate(out) if o is None]
-        if not todo:
-            return out
+    def _hf_where_inexact(self, batch, mask, texts: list[str], add_special_tokens: bool, hf_mask):
+        """(flat ids, lengths, mask): the tiktoken batch's, with HF's ids and masks (`hf_mask(i, starts, ends, added)`
+        over HF's character offsets) for the documents whose byte offsets are not exact; without a batch (the HF
+        backend), HF's for every document."""
+        redo = np.arange(len(texts)) if batch is None else np.flatnonzero(~batch.exact)
+        if batch is None:
+            batch_flat, lens, mask = np.zeros(0, np.int32), np.zeros(len(texts), np.int64), np.zeros(0, np.uint8)
+        else:
+            batch_flat, lens = batch.flat, batch.lens
+        if not len(redo):
+            return batch_flat, lens, mask
         self.rust.encode_special_tokens = self.literal and add_special_tokens
         try:
-            encs = self.rust.encode_batch([texts[i] for i in todo], add_special_tokens=add_special_tokens)
+            encs = self.rust.encode_batch([texts[i] for i in redo], add_special_tokens=add_special_tokens)
         finally:
             self.rust.encode_special_tokens = False
-        for i, enc in zip(todo, encs):
+        new = {}
+        for i, enc in zip(redo.tolist(), encs):
             off = np.array(enc.offsets, np.int64).reshape(-1, 2)
-            out[i] = enc.ids, off[:, 0], off[:, 1], np.array(enc.special_tokens_mask, bool)
-        return out
-
-    def _tiktoken_offsets(self, text: str, add_special_tokens: bool):
-        tt = self.tiktoken
-        ids = tt.encode(text, add_special_tokens=add_special_tokens)
-        pre, suf = tt._template if add_special_tokens else ([], [])
-        body = np.asarray(ids[len(pre): len(ids) - len(suf)], np.int64)
-        raw = text.encode("utf-8")
-        sizes = self._byte_sizes()[body]
-        if int(sizes.sum()) != len(raw) or (tt._nfc and unicodedata.normalize("NFC", text) != text):
-            return None
-        char_sizes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-        char_sizes = 1 + (char_sizes >= 0x80) + (char_sizes >= 0x800) + (char_sizes >= 0x10000)
-        char_of_byte = np.repeat(np.arange(len(text)), char_sizes)
-        start_b = np.cumsum(sizes) - sizes
-        starts = char_of_byte[np.minimum(start_b, len(raw) - 1)] if len(raw) else start_b
-        ends = char_of_byte[start_b + sizes - 1] + 1 if len(raw) else start_b
-        starts = np.concatenate([np.zeros(len(pre), np.int64), starts, np.zeros(len(suf), np.int64)])
-        ends = np.concatenate([np.zeros(len(pre), np.int64), ends, np.zeros(len(suf), np.int64)])
-        added = np.zeros(len(ids), bool)
-        added[: len(pre)] = True
-        added[len(ids) - len(suf):] = True
-        return ids, starts, ends, added
-
-    def _byte_sizes(self) -> np.ndarray:
-        """Bytes each token id stands for (tiktoken backend): BPE tokens' bytes, added tokens' UTF-8 content."""
-        if self._token_bytes is None:
-            enc = self.tiktoken.encoding
-            sizes = np.zeros(self.vocab_size + 1, np.int64)
-            for tok_id in range(enc.n_vocab):
-                try:
-                    sizes[tok_id] = len(enc.decode_single_token_bytes(tok_id))
-                except KeyError:
-                    pass
-            for tok_id, t in self.rust.get_added_tokens_decoder().items():
-                if tok_id < len(sizes):
-                    sizes[tok_id] = len(t.content.encode("utf-8"))
-            self._token_bytes = sizes
-        return self._token_bytes
-
-    def _flatten(self, ids: list[list[int]], masks: list, eos: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Documents back to back. masks[i]: an array, None (all 1) or _EMPTY (the document is empty: length 0).
-        eos: EOS appended to each non-empty document unless its last token is EOS; it carries loss."""
-        # ids [[5, 6], [], [7, 2]], eos=True (EOS 2) -> flat [5, 6, 2, 7, 2], lengths [3, 0, 2]
-        eos_id, add, tail = self.eos_id, [self.eos_id], []
-        n = len(ids)
-        lengths = np.zeros(n, np.int64)
-        pieces, mask_parts = [], []
-        for i, (x, m) in enumerate(zip(ids, masks)):
-            if m is _EMPTY or not x:
-                continue
-            extra = eos and x[-1] != eos_id
-            lengths[i] = len(x) + extra
-            pieces.append(x)
-            m = np.ones(len(x), np.uint8) if m is None else m
-            mask_parts.append(m)
-            if extra:
-                pieces.append(add)
-                mask_parts.append(np.ones(1, np.uint8))  # text, prompt/completion: the EOS carries loss
-        flat = np.fromiter(chain.from_iterable(pieces or [tail]), np.int32, int(lengths.sum()))
-        mask = np.concatenate(mask_parts).astype(np.uint8) if mask_parts else np.zeros(0, np.uint8)
-        return flat, mask, lengths.astype(np.int32)
-
-
-_EMPTY = np.zeros(0, np.uint8)  # marks an empty document in Tokenizer._flatten
+            new[i] = enc.ids, hf_mask(i, off[:, 0], off[:, 1], np.array(enc.special_tokens_mask, bool))
+        return replace_docs(batch_flat, lens, mask, new)
 
 
 def _message_texts(messages: list[dict]):

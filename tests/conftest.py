@@ -6,6 +6,7 @@ plain module the tests import; this file holds what pytest injects.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ from typer.testing import CliRunner
 from packprep.cli import app
 
 PROGRESS = ("tokenize", "write", "no inputs")  # stderr progress lines that may precede an error line
+
+
+@pytest.fixture(scope="session", autouse=True)
+def packprep_cache(tmp_path_factory):
+    """Builds keep their cache (packprep.cache: backend verdicts, rank tables) in this session's folder, not ~/.cache;
+    subprocess builds inherit it."""
+    saved = os.environ.get("PACKPREP_CACHE")
+    os.environ["PACKPREP_CACHE"] = str(tmp_path_factory.mktemp("packprep-cache"))
+    yield Path(os.environ["PACKPREP_CACHE"])
+    if saved is None:
+        os.environ.pop("PACKPREP_CACHE", None)
+    else:
+        os.environ["PACKPREP_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

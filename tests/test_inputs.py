@@ -104,3 +104,34 @@ def test_fingerprint_follows_size_and_content(tmp_path):
     os.utime(p, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fingerprint(str(p)) != middle
     assert set(fingerprint(DEFAULT_CORPUS)) == {"input", "python", "stdlib"}  # the stdlib is not listed file by file
+
+
+def test_a_build_lists_each_spec_once_and_hashes_each_file_twice(tmp_path, monkeypatch):
+    """Once for the build's identity at the start, once after tokenizing (an input changed under the build)."""
+    from packprep import build as build_module
+    from packprep import inputs
+    from packprep.config import BuildConfig
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(20, k)))
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(20, 9)))
+    calls = {"hash": [], "expand": 0}
+
+    def counting_hash(path):
+        calls["hash"].append(str(path))
+        return content_hash(path)
+
+    def counting_expand(specs):
+        calls["expand"] += 1
+        return inputs.expand_inputs(specs)
+
+    monkeypatch.setattr(inputs, "content_hash", counting_hash)
+    monkeypatch.setattr(inputs, "resolve_inputs", lambda specs: pytest.fail("a spec was listed again"))
+    monkeypatch.setattr(build_module, "expand_inputs", counting_expand)
+    build_module.build(BuildConfig(inputs=(str(folder), str(single)), out=str(tmp_path / "out"), workers=1,
+                                   seq_len=256))
+    assert calls["expand"] == 2  # one listing per spec
+    assert sorted(calls["hash"]) == sorted([str(folder / f"{k}.jsonl") for k in range(3)] * 2 + [str(single)] * 2)

@@ -11,6 +11,7 @@ import tokenizer_zoo
 from tokenizer_zoo import BUILTIN, FAMILIES, LLAMA3_PATTERN, training_texts, zoo_tokenizer
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from packprep.backend import check_sample
 from packprep.tiktoken_backend import TiktokenBackend, unsupported_reason
 
 zoo_root = tokenizer_zoo.zoo_root  # the session's zoo folder (a fixture)
@@ -63,7 +64,7 @@ def test_builtin_equals_hf():
     fast = TiktokenBackend(BUILTIN)
     texts = real_texts() + mixed_texts()
     assert fast.encode_batch(texts) == hf_ids(tok, texts)
-    assert fast.check_sample(texts) is None
+    assert check_sample(fast, texts) is None
     assert fast.encode_batch(texts[:50], num_threads=2) == hf_ids(tok, texts[:50])
     assert sum(t.count("<|endoftext|>") for t in texts) > 20  # the special-token path is exercised
 
@@ -86,7 +87,7 @@ def test_special_tokens_as_text(trained):
     fast = TiktokenBackend(trained, encode_special_tokens=True)
     texts = mixed_texts(200, seed=6)
     assert fast.encode_batch(texts) == hf_ids(hf, texts)
-    assert fast.check_sample(texts) is None
+    assert check_sample(fast, texts) is None
     assert hf_ids(hf, ["<|im_end|>"]) != hf_ids(trained, ["<|im_end|>"])  # the switch changes something
     assert pickle.loads(pickle.dumps(fast)).encode("a<|im_end|>") == fast.encode("a<|im_end|>")
 
@@ -122,7 +123,7 @@ def test_check_sample_names_the_first_difference():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     fast = TiktokenBackend(tok)
     assert hf_ids(tok, ["abcd"]) == [[vocab["a"], vocab["bc"], vocab["d"]]]
-    miss = fast.check_sample(["ab cd", "x\nabcd"])
+    miss = check_sample(fast, ["ab cd", "x\nabcd"])
     assert miss is not None and (miss.index, miss.position) == (1, 2), miss
     assert miss.hf[0] == vocab["a"] and miss.tiktoken[0] == vocab["abcd"]
 

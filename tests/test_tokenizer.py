@@ -176,3 +176,12 @@ def test_backend_choice_recorded(corpora, tmp_path):
     assert m["tokenizer"]["backend"] == "tiktoken" and "equals HF" in m["tokenizer"]["backend_reason"]
     h = run([corpora["text"]], tmp_path / "hf", tokenizer_backend="hf")
     assert [s["sha256"] for s in h["shards"]] == [s["sha256"] for s in m["shards"]]
+
+
+def test_hub_name_without_transformers_names_the_extra(corpora, tmp_path, monkeypatch, cli_error):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    line = cli_error("build", corpora["text"], "--out", tmp_path / "out", "--tokenizer", "some-org/some-model",
+                     "--workers", 1)
+    assert 'pip install "packprep[hf]"' in line and "some-org/some-model" in line
