@@ -10,7 +10,8 @@ published object by object, with the manifest last.
 The remote manifest is the commit point, as the local one is: a prefix without it is unfinished. A rerun of a killed
 build resumes from the local work folder (`workdir`) and skips every shard whose object already has the local
 file's size, so finished shards are not uploaded again and a half-uploaded object (a store that shows partial
-writes) is overwritten. Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the
+writes) is overwritten. `packprep export` to a remote --out publishes the same way (`publish_export`: its files,
+then export.json). Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the
 build's files to a local cache once (skipping files already there with their size); `datasets.load_from_disk(url,
 storage_options=...)` reads the prefix through fsspec directly. With Ray, `Shipped` moves tokenize outputs back to
 the driver through Ray's object store, so a cluster needs no shared filesystem. Costs: one upload per output file
@@ -88,13 +89,14 @@ def check(url: str, ident: dict, overwrite: bool) -> dict | None:
 class Uploader:
     """Publishes a local build folder to `url`: shards as they finish (4 uploads in flight), the manifest last."""
 
-    def __init__(self, url: str, local: Path, ident: dict):
+    def __init__(self, url: str, local: Path, ident: dict, manifest: str = MANIFEST, identity_name: str = IDENTITY):
         self.fs, self.root, self.local = *storage.filesystem(url), Path(local)
+        self.manifest, self.identity = manifest, identity_name  # `packprep export` publishes export.json
         self.fs.makedirs(self.root, exist_ok=True)
         self.there = _names(self.fs, self.root)
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="upload")
         self.pending, self.sent = [], set()
-        with self.fs.open(storage.join(self.root, IDENTITY), "w") as f:
+        with self.fs.open(storage.join(self.root, self.identity), "w") as f:
             json.dump(ident, f)
 
     def __enter__(self) -> Uploader:
@@ -122,8 +124,8 @@ class Uploader:
         stale = [n for n in self.there if n.startswith("data-") and not (self.local / n).exists()]
         for n in stale:  # shards of an earlier, discarded run under other names (no manifest referenced them)
             self.fs.rm_file(storage.join(self.root, n))
-        self._put(MANIFEST)
-        self.fs.rm_file(storage.join(self.root, IDENTITY))
+        self._put(self.manifest)
+        self.fs.rm_file(storage.join(self.root, self.identity))
 
 
 def stage(url: str, cache: str | Path | None = None) -> Path:
@@ -153,6 +155,44 @@ def stage(url: str, cache: str | Path | None = None) -> Path:
         if p.name not in names:
             p.unlink()
     return local
+
+
+# ---------------------------------------------------------------------------------------------------- packprep export
+
+EXPORT_IDENTITY = ".packprep-export.json"  # on a remote export's prefix until its manifest is up
+
+
+def check_export(url: str, identity: dict, overwrite: bool, manifest: str) -> dict | None:
+    """`check` for `packprep export`: the manifest of a finished export of this identity at `url`, else None (start,
+    or resume an unfinished one of this identity); other objects are refused unless `overwrite` (which deletes them,
+    the manifest first)."""
+    fs, root = storage.filesystem(url)
+    names = _names(fs, root)
+    if manifest in names:
+        m = json.loads(fs.cat_file(storage.join(root, manifest)))
+        if not overwrite and {k: m.get(k) for k in identity} == identity:
+            return m
+    elif not names:
+        return None
+    elif EXPORT_IDENTITY in names and not overwrite:
+        if json.loads(fs.cat_file(storage.join(root, EXPORT_IDENTITY))) == identity:
+            return None
+    if not overwrite:
+        raise FileExistsError(f"--out {url} holds other objects or another export; choose another --out or pass "
+                              "--overwrite")
+    for n in sorted(names, key=lambda n: n != manifest):  # the manifest first: from then on it is unfinished
+        fs.rm_file(storage.join(root, n))
+    return None
+
+
+def publish_export(url: str, local: Path, export_manifest: dict, manifest: str) -> None:
+    """Upload a finished local export: its files (4 in flight; an object already there with the local size is not
+    sent again), then its manifest, the commit point."""
+    identity = {k: export_manifest[k] for k in ("format", "format_version", "build_fingerprint", "options")}
+    with Uploader(url, local, identity, manifest=manifest, identity_name=EXPORT_IDENTITY) as up:
+        for name in export_manifest["files"]:
+            up.shard(name)
+        up.finish([])
 
 
 # ---------------------------------------------------------------------------------------------------- Ray, no shared fs
