@@ -188,14 +188,16 @@ def test_row_formats_read_by_streaming_dataset_and_bytes_match_their_writer(fmt,
 
 def test_llamafactory_loaded_by_tokenized_path_and_collated_per_document(built, expected, readers, tmp_path):
     """LLaMA-Factory's own get_dataset(tokenized_path) and SFT collator (neat_packing): rows as packed, no attention
-    across documents (sdpa's 4D mask, flash-attention's cu_seqlens from position_ids), packprep's labels."""
+    across documents (sdpa's 4D mask, flash-attention's cu_seqlens from position_ids), packprep's labels; the build
+    folder given as tokenized_path directly fails in that collator."""
     readers("llamafactory")
     from packprep.exports.llamafactory import COLUMNS
     from packprep.tokenizer import BUILTIN
 
     export_fast(built, "llamafactory", tmp_path / "lf")
-    run_reader("llamafactory", "llamafactory_read.py", tmp_path / "lf", BUILTIN, tmp_path / "r.npz")
+    run_reader("llamafactory", "llamafactory_read.py", tmp_path / "lf", BUILTIN, built, tmp_path / "r.npz")
     r = np.load(tmp_path / "r.npz")
+    assert "doc_offsets" in str(r["raw_error"])  # the build folder itself is no tokenized_path: why the export exists
     seq_len, rows = expected["seq_len"], len(expected["row_docs"]) - 1
     assert int(r["rows"]) == rows and sorted(r["columns"].tolist()) == sorted(COLUMNS)
     assert r["input_ids"].shape == (rows, seq_len) and bool(r["mask_none"])

@@ -1,7 +1,8 @@
 """Load a llamafactory export the way LLaMA-Factory's `tokenized_path` does (its own `get_dataset`), collate it with
 its own SFT collator under `neat_packing` for sdpa (block-diagonal 4D mask, two rows a batch) and for
 flash_attention_2 (one row a batch: padding cut, mask dropped), and take the documents transformers' flash-attention
-path finds from those position_ids. argv: export_dir tokenizer_dir out.npz"""
+path finds from those position_ids; and what the same collator makes of a packprep build folder given as
+tokenized_path directly. argv: export_dir tokenizer_dir build_dir out.npz"""
 
 import importlib.machinery
 import sys
@@ -24,7 +25,7 @@ from llamafactory.hparams import DataArguments  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids  # noqa: E402
 
-export_dir, tokenizer_dir, out = sys.argv[1:4]
+export_dir, tokenizer_dir, build_dir, out = sys.argv[1:5]
 data_args = DataArguments(tokenized_path=export_dir, neat_packing=True, template="empty")
 # with tokenized_path present, get_dataset returns load_from_disk's dataset before it needs a template or a model
 module = get_dataset(None, None, data_args, None, "sft", None)
@@ -55,6 +56,13 @@ for r in rows:
     (cu_q, _), _ = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
     cu.append(cu_q.numpy())
     kept.append(batch["input_ids"].shape[1])
-np.savez(out, input_ids=np.concatenate(input_ids), labels=np.concatenate(labels), allowed=np.concatenate(allowed),
+raw = get_dataset(None, None, DataArguments(tokenized_path=build_dir, neat_packing=True), None, "sft", None)
+try:
+    sdpa([dict(raw["train_dataset"][i]) for i in range(2)])
+    raw_error = ""
+except ValueError as e:  # its collator meets packprep's other columns
+    raw_error = str(e)
+np.savez(out, raw_error=raw_error, input_ids=np.concatenate(input_ids), labels=np.concatenate(labels),
+         allowed=np.concatenate(allowed),
          cu=np.concatenate(cu), cu_counts=np.array([len(c) for c in cu]), kept=np.array(kept),
          mask_none=mask_none, columns=np.array(sorted(ds.column_names)), rows=len(ds))
