@@ -365,6 +365,32 @@ def test_rows_are_zero_copy_views_of_the_shard(built):
     assert sum(len(r.row_offsets) - 1 for r in exports.iter_rows(shard)) == open_shard(shard).num_rows
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_append_copies_shard_ranges_or_writes(built, expected, tmp_path, monkeypatch, kernel_copy):
+    """megatron/olmo output bytes through `append`: file ranges of the shard handed to copy_file_range, or (another
+    filesystem) plain writes; both give the shard's own bytes. int32 ids (a vocabulary >= 65,500) are ranges too."""
+    import os
+
+    from packprep.exports import megatron
+
+    calls = []
+    real = os.copy_file_range
+
+    def copy_range(*args):
+        calls.append(args[2])
+        if not kernel_copy:
+            raise OSError(18, "Invalid cross-device link")
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    monkeypatch.setattr(megatron, "token_dtype", lambda vocab_size: np.dtype(np.int32))
+    export_fast(built, "megatron", tmp_path / "m")
+    ids = np.fromfile(tmp_path / "m" / "packprep_text_document.bin", np.int32)
+    mask = np.fromfile(tmp_path / "m" / "packprep_loss_mask_document.bin", np.uint8)
+    assert ids.tolist() == expected["tokens"].tolist() and mask.tolist() == expected["mask"].tolist()
+    assert sum(calls) >= ids.nbytes + mask.nbytes  # every byte was offered to the kernel copy first
+
+
 def test_cli_export(built, tmp_path):
     from typer.testing import CliRunner
 

@@ -213,7 +213,7 @@ def export(build: str | Path, to: str, out: str | Path, *, overwrite: bool = Fal
     chunk byte limits). Rerunning the same command resumes an interrupted export. fsync=False skips the fsyncs:
     atomic against a killed process, not against a power loss (benchmarks, tests). A remote `out` (s3://...) is
     written in a local `work_dir` (default: under the temp folder, named after the URL), then published with
-    `export.json` last (`publish`).
+    `export.json` last (`remote.publish_export`).
     """
     mod = writer(to)
     info, files = read_build(build)
