@@ -248,7 +248,7 @@ def test_torchtitan_loader_reads_rows_with_packprep_boundaries(built, expected, 
     """torchtitan 0.3's loader machinery (ParallelAwareDataloader, built as its trainer builds config.dataloader) with
     packprep's dataset: one packed row per sample as packed, positions restarting at packprep's document offsets
     (EOS inside a text does not split it), the documents its varlen and flex attention find, and a resume from its
-    state dict with 0 and 2 workers."""
+    state dict with 0 and 2 workers, and two data-parallel ranks."""
     readers("torchtitan")
     seq_len = int(expected["seq_len"])
     run_reader("torchtitan", "torchtitan_read.py", built, seq_len, tmp_path / "r.npz")
@@ -270,6 +270,10 @@ def test_torchtitan_loader_reads_rows_with_packprep_boundaries(built, expected, 
         want = [j * seq_len + i for j, pos in enumerate(part) for i, p in enumerate(pos) if p == 0]
         assert batch.tolist() == want + [len(part) * seq_len]
     assert bool(r["resume_same_0"]) and bool(r["resume_same_2"])
+    # two ranks: the same number of rows each (the odd one out is left out), disjoint, all from this epoch's rows
+    seen = [set(map(bytes, r[f"rank{k}"])) for k in range(2)]
+    assert len(r["rank0"]) == len(r["rank1"]) == len(rows) // 2 and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= set(map(bytes, r["inputs"]))
 
 
 def test_labels_and_target_aligned_mask():

@@ -1,6 +1,7 @@
 """Read a packprep build through torchtitan 0.3's own loader machinery: packprep.integrations.torchtitan's
 PackprepDataLoader, built as its trainer builds config.dataloader; the documents its varlen attention and flex mask
-find from the positions; a resume from the loader's state dict (0 and 2 workers). argv: build seq_len out.npz"""
+find from the positions; a resume from the loader's state dict (0 and 2 workers); two data-parallel ranks.
+argv: build seq_len out.npz"""
 
 import sys
 from pathlib import Path
@@ -58,6 +59,13 @@ for workers in (0, 2):
     second.load_state_dict(state)
     it = iter(second)
     resume[f"resume_same_{workers}"] = all(np.array_equal(a, next(it)[0]["input"].numpy()) for a in after)
-np.savez(out, inputs=np.concatenate(inputs), labels=np.concatenate(labels), positions=np.concatenate(positions),
+# two data-parallel ranks, one shuffled epoch each
+ranks = []
+for r in range(2):
+    config = PackprepDataLoader.Config(dataset_path=build, shuffle=True, infinite=False, seed=3)
+    dp = config.build(dp_world_size=2, dp_rank=r, tokenizer=None, seq_len=seq_len, local_batch_size=2)
+    ranks.append([x.numpy() for b, _ in dp for x in b["input"]])
+np.savez(out, rank0=np.stack(ranks[0]), rank1=np.stack(ranks[1]), inputs=np.concatenate(inputs),
+         labels=np.concatenate(labels), positions=np.concatenate(positions),
          cu=np.concatenate(cu), cu_counts=np.array([len(c) for c in cu]),
          same_doc=np.concatenate(same_doc), **resume)
