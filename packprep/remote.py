@@ -16,6 +16,7 @@ the whole build's cost but the uploads), skips a shard only when its record has 
 sha256 and size of the bytes just written, and the object has that size; every other object is uploaded again, so a
 half-uploaded one is overwritten. Once the manifest is up the record is removed (and ignored where a kill left it).
 
+`packprep export` to a remote --out publishes the same way (`publish_export`: its files, then export.json).
 Readers of a remote build (`verify`, `inspect`, the trainer) use `stage`, which copies the build's files to a local
 cache once (skipping files already there with their size); `datasets.load_from_disk(url, storage_options=...)` reads
 the prefix through fsspec directly. With Ray, `Shipped` moves tokenize outputs back to the driver through Ray's object
@@ -99,21 +100,22 @@ class Uploader:
     """Publishes a local build folder to `url`: shards as they finish (4 uploads in flight), each recorded in the
     progress record once up, the manifest last."""
 
-    def __init__(self, url: str, local: Path, ident: dict):
+    def __init__(self, url: str, local: Path, ident: dict, manifest: str = MANIFEST, identity_name: str = IDENTITY):
         self.fs, self.root, self.local = *storage.filesystem(url), Path(local)
+        self.manifest, self.identity = manifest, identity_name  # `packprep export` publishes export.json
         self.fs.makedirs(self.root, exist_ok=True)
         self.there = _names(self.fs, self.root)
         self.build = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
         self.done = self._recorded()
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="upload")
         self.pending, self.sent, self.lock = [], set(), threading.Lock()
-        with self.fs.open(storage.join(self.root, IDENTITY), "w") as f:
+        with self.fs.open(storage.join(self.root, self.identity), "w") as f:
             json.dump(ident, f)
 
     def _recorded(self) -> dict[str, dict]:
         """The progress record's shards of this build whose objects have the recorded size ({} when there is no
         record, it is another build's or unreadable, or the manifest is already up)."""
-        if PROGRESS not in self.there or MANIFEST in self.there:
+        if PROGRESS not in self.there or self.manifest in self.there:
             return {}
         try:
             record = json.loads(self.fs.cat_file(storage.join(self.root, PROGRESS)))
@@ -165,8 +167,8 @@ class Uploader:
         stale = [n for n in self.there if n.startswith("data-") and not (self.local / n).exists()]
         for n in stale:  # shards of an earlier, discarded run under other names (no manifest referenced them)
             self.fs.rm_file(storage.join(self.root, n))
-        self._put(MANIFEST)
-        for n in (IDENTITY, PROGRESS):
+        self._put(self.manifest)
+        for n in (self.identity, PROGRESS):
             try:
                 self.fs.rm_file(storage.join(self.root, n))
             except FileNotFoundError:  # no shard was uploaded: no record
@@ -265,6 +267,124 @@ def publish(uploader: Uploader, out: Path, manifest: dict) -> None:
     with uploader:
         for s in manifest["shards"]:
             uploader.shard(s)
+        uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
+
+
+def clean_local(out: Path, work_dir: str | None) -> None:
+    """A published build's local copy goes: the default work folder whole, a --work-dir's build files."""
+    if not work_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    from packprep import workdir
+
+    workdir.finish(out)
+    for p in [*out.glob("data-*-of-*.arrow"), *(out / n for n in ("state.json", "dataset_info.json", MANIFEST,
+                                                                  "rejects.jsonl"))]:
+        p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------- packprep export
+
+EXPORT_IDENTITY = ".packprep-export.json"  # on a remote export's prefix until its manifest is up
+
+
+def check_export(url: str, identity: dict, overwrite: bool, manifest: str) -> dict | None:
+    """`check` for `packprep export`: the manifest of a finished export of this identity at `url`, else None (start,
+    or resume an unfinished one of this identity); other objects are refused unless `overwrite` (which deletes them,
+    the manifest first)."""
+    fs, root = storage.filesystem(url)
+    names = _names(fs, root)
+    if manifest in names:
+        m = json.loads(fs.cat_file(storage.join(root, manifest)))
+        if not overwrite and {k: m.get(k) for k in identity} == identity:
+            return m
+    elif not names:
+        return None
+    elif EXPORT_IDENTITY in names and not overwrite:
+        if json.loads(fs.cat_file(storage.join(root, EXPORT_IDENTITY))) == identity:
+            return None
+    if not overwrite:
+        raise FileExistsError(f"--out {url} holds other objects or another export; choose another --out or pass "
+                              "--overwrite")
+    for n in sorted(names, key=lambda n: n != manifest):  # the manifest first: from then on it is unfinished
+        fs.rm_file(storage.join(root, n))
+    return None
+
+
+def publish_export(url: str, local: Path, export_manifest: dict, manifest: str) -> None:
+    """Upload a finished local export: its files (4 in flight; an object already there with the local size is not
+    sent again when the progress record has its size and sha256), then its manifest, the commit point."""
+    identity = {k: export_manifest[k] for k in ("format", "format_version", "build_fingerprint", "options")}
+    with Uploader(url, local, identity, manifest=manifest, identity_name=EXPORT_IDENTITY) as up:
+        for name in export_manifest["files"]:
+            with open(local / name, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            up.shard({"file": name, "bytes": (local / name).stat().st_size, "sha256": digest})
+        up.finish([])
+
+
+# ---------------------------------------------------------------------------------------------------- Ray, no shared fs
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A tokenize context for Ray nodes that do not share the driver's disk: the tokenizer's files travel with it,
+    and a task run on another host spools to a folder of its own and returns its spool files to the driver (Ray's
+    object store carries them, ~5 bytes per token); `receive` puts them in the driver's spool. Write tasks then run
+    on the driver's host, so no node needs the driver's work folder."""
+
+    ctx: object  # tokenizer.TokenizeContext
+    host: str
+    tokenizer_files: dict
+
+    @classmethod
+    def of(cls, ctx) -> Shipped:
+        files = {p.name: p.read_bytes() for p in Path(ctx.tokenizer).iterdir() if p.is_file()}
+        return cls(ctx, socket.gethostname(), files)
+
+
+def shipped_tokenize(task, shipped: Shipped):
+    """tokenize_task on any node: (its result, None) on the driver's host, else (result, {file name: bytes})."""
+    from packprep import spool
+    from packprep.tokenizer import tokenize_task
+
+    if socket.gethostname() == shipped.host and not os.environ.get("PACKPREP_TEST_SHIP"):
+        return tokenize_task(task, shipped.ctx), None
+    key = hashlib.sha256(f"{shipped.host}:{shipped.ctx.spool}".encode()).hexdigest()[:16]
+    here = Path(tempfile.gettempdir()) / "packprep-ship" / key
+    tok = here / "tokenizer"
+    if not (tok / "done").exists():  # the tokenizer's files, written once per node
+        tok.mkdir(parents=True, exist_ok=True)
+        for name, data in shipped.tokenizer_files.items():
+            (tok / name).write_bytes(data)
+        (tok / "done").touch()
+    folder = here / "spool"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = tokenize_task(task, replace(shipped.ctx, tokenizer=str(tok), spool=str(folder)))
+    files = {}
+    for p in spool.paths(folder, task.index).values():
+        if p.exists():
+            files[p.name] = p.read_bytes()
+            p.unlink()
+    return result, files
+
+
+def receive(shipped_result, spool_dir: Path):
+    """The driver's side of `shipped_tokenize`: write returned spool files (the marker last), return the result."""
+    from packprep.shards import atomic_file
+
+    result, files = shipped_result
+    for name in sorted(files or {}, key=lambda n: n.endswith(".done.json")):
+        with atomic_file(Path(spool_dir) / name) as f:
+            f.write(files[name])
+    return result
+
+
+def publish(uploader: Uploader, out: Path, manifest: dict) -> None:
+    """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
+    with uploader:
+        for s in manifest["shards"]:
+            uploader.shard(s["file"])
         uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
 
 

@@ -37,6 +37,13 @@ READERS = {
     "mds": ["numpy<2.2", "transformers<5", "xxhash<4", "zstd", "brotli", "python-snappy", "catalogue", "--no-deps",
             "mosaicml-streaming==0.13.0"],
     "litdata": ["litdata==0.2.76"],
+    # the pins its import checks (datasets<=4.0, transformers<=5.6, trl<=0.24: conflicts with the project's) and what
+    # llamafactory.data imports; its GUI, API server and training extras are not needed to load and collate a
+    # tokenized_path (torchaudio, whose PyPI build does not load with a CPU torch, is stubbed by the reader: the text
+    # path never calls it)
+    "llamafactory": ["transformers>=4.55,<=5.6.0", "datasets>=2.16,<=4.0.0", "peft==0.18.1", "trl>=0.18,<=0.24",
+                     "omegaconf", "--no-deps", "llamafactory==0.9.5"],
+    "torchtitan": ["torchtitan==0.3.0"],
 }
 
 

@@ -4,7 +4,8 @@ string, prompt/response loss masks).
 
 Readers (tests/readers/*.py) run in overlay venvs from tests/reader_envs.py (PyPI packages, installed once per
 machine, in parallel): megatron-core, ai2-olmo-core, mosaicml-streaming (numpy<2.2, transformers<5: the pins that
-conflict with the project's), litdata, megatron-bridge 0.3.1. Expected values come from the shards through pyarrow,
+conflict with the project's), litdata, megatron-bridge 0.3.1, llamafactory 0.9.5 (its datasets<=4 and
+transformers<=5.6). Expected values come from the shards through pyarrow,
 independently of packprep.exports.
 """
 
@@ -193,6 +194,96 @@ def test_row_formats_read_by_streaming_dataset_and_bytes_match_their_writer(fmt,
     assert r["same_index"] and r[same]
 
 
+def test_llamafactory_loaded_by_tokenized_path_and_collated_per_document(built, expected, readers, tmp_path):
+    """LLaMA-Factory's own get_dataset(tokenized_path) and SFT collator (neat_packing): rows as packed, no attention
+    across documents (sdpa's 4D mask, flash-attention's cu_seqlens from position_ids), packprep's labels; the build
+    folder given as tokenized_path directly fails in that collator."""
+    readers("llamafactory")
+    from packprep.exports.llamafactory import COLUMNS
+    from packprep.tokenizer import BUILTIN
+
+    export_fast(built, "llamafactory", tmp_path / "lf")
+    run_reader("llamafactory", "llamafactory_read.py", tmp_path / "lf", BUILTIN, built, tmp_path / "r.npz")
+    r = np.load(tmp_path / "r.npz")
+    assert "doc_offsets" in str(r["raw_error"])  # the build folder itself is no tokenized_path: why the export exists
+    seq_len, rows = expected["seq_len"], len(expected["row_docs"]) - 1
+    assert int(r["rows"]) == rows and sorted(r["columns"].tolist()) == sorted(COLUMNS)
+    assert r["input_ids"].shape == (rows, seq_len) and bool(r["mask_none"])
+    cu = np.split(r["cu"], np.cumsum(r["cu_counts"])[:-1])
+    for i in range(rows):
+        a, b = expected["row_offsets"][i], expected["row_offsets"][i + 1]
+        n = b - a
+        assert r["input_ids"][i, :n].tolist() == expected["tokens"][a:b].tolist()
+        assert r["labels"][i].tolist() == expected["labels"][a:b].tolist() + [-100] * (seq_len - n)
+        ends = np.cumsum(expected["lengths"][expected["row_docs"][i]:expected["row_docs"][i + 1]])
+        assert cu[i].tolist() == [0, *ends.tolist()] and r["kept"][i] == n  # flash-attention: padding cut
+        doc = np.full(seq_len, -1)
+        for d, (s, e) in enumerate(zip([0, *ends[:-1]], ends)):
+            doc[s:e] = d
+        want = (doc[:, None] == doc[None, :]) & (doc[None, :] >= 0) & np.tri(seq_len, dtype=bool)
+        assert np.array_equal(r["allowed"][i], want), f"row {i}: 4D mask is not block-diagonal causal"
+
+
+def shifted_rows(expected) -> list[tuple]:
+    """(input_ids, labels, positions) per row in torchtitan's convention, from the obvious loops: the row shifted by
+    one, positions restarting at each document."""
+    out = []
+    for r in range(len(expected["row_docs"]) - 1):
+        a, b = expected["row_offsets"][r], expected["row_offsets"][r + 1]
+        lengths = expected["lengths"][expected["row_docs"][r]:expected["row_docs"][r + 1]]
+        positions = [i for n in lengths for i in range(n)]
+        out.append((expected["tokens"][a:b - 1].tolist(), expected["labels"][a + 1:b].tolist(), positions[:-1]))
+    return out
+
+
+def test_shifted_rows_contract(built, expected):
+    from packprep.integrations.rows import ShiftedRows
+
+    rows = ShiftedRows(str(built))
+    want = shifted_rows(expected)
+    assert len(rows) == len(want) and rows.seq_len == expected["seq_len"]
+    for i in (0, 1, len(want) // 2, len(want) - 1, -1):
+        r = rows[i]
+        assert (r["input_ids"].tolist(), r["labels"].tolist(), r["positions"].tolist()) == want[i]
+    with pytest.raises(IndexError, match="of a build of"):
+        rows[len(want)]
+    docs = sum(int((rows[i]["positions"] == 0).sum()) for i in range(len(rows)))
+    # every document starts at a 0 except one-token documents that end a row (their only token has no target)
+    assert docs <= len(expected["lengths"]) and docs >= len(expected["lengths"]) - len(rows)
+
+
+def test_torchtitan_loader_reads_rows_with_packprep_boundaries(built, expected, readers, tmp_path):
+    """torchtitan 0.3's loader machinery (ParallelAwareDataloader, built as its trainer builds config.dataloader) with
+    packprep's dataset: one packed row per sample as packed, positions restarting at packprep's document offsets
+    (EOS inside a text does not split it), the documents its varlen and flex attention find, and a resume from its
+    state dict with 0 and 2 workers, and two data-parallel ranks."""
+    readers("torchtitan")
+    seq_len = int(expected["seq_len"])
+    run_reader("torchtitan", "torchtitan_read.py", built, seq_len, tmp_path / "r.npz")
+    r = np.load(tmp_path / "r.npz")
+    rows = shifted_rows(expected)
+    assert len(r["inputs"]) == len(rows)
+    padded = []
+    for i, (ids, labels, pos) in enumerate(rows):
+        pad = seq_len - len(ids)
+        padded.append(pos + list(range(pad)))
+        assert r["inputs"][i].tolist() == ids + [0] * pad
+        assert r["labels"][i].tolist() == labels + [-100] * pad
+        assert r["positions"][i].tolist() == padded[-1]
+        doc = np.cumsum(np.array(padded[-1]) == 0)
+        assert np.array_equal(r["same_doc"][i], doc[:, None] == doc[None, :])  # its flex document mask
+    cu = np.split(r["cu"], np.cumsum(r["cu_counts"])[:-1])
+    for k, batch in enumerate(cu):  # its varlen metadata: cu_seqlens over the batch's flattened rows
+        part = padded[2 * k:2 * k + 2]
+        want = [j * seq_len + i for j, pos in enumerate(part) for i, p in enumerate(pos) if p == 0]
+        assert batch.tolist() == want + [len(part) * seq_len]
+    assert bool(r["resume_same_0"]) and bool(r["resume_same_2"])
+    # two ranks: the same number of rows each (the odd one out is left out), disjoint, all from this epoch's rows
+    seen = [set(map(bytes, r[f"rank{k}"])) for k in range(2)]
+    assert len(r["rank0"]) == len(r["rank1"]) == len(rows) // 2 and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= set(map(bytes, r["inputs"]))
+
+
 def test_labels_and_target_aligned_mask():
     # documents [3, 2]: tokens 5 6 7 | 8 9, mask 0 1 1 | 1 1
     rows = exports.Rows(np.array([5, 6, 7, 8, 9], np.int32), np.array([0, 1, 1, 1, 1], np.uint8),
@@ -204,7 +295,7 @@ def test_labels_and_target_aligned_mask():
     assert seq_start_ids(rows).tolist() == [0, 3]
 
 
-@pytest.mark.parametrize("fmt", ["megatron", "olmo", "nemo", "mds", "litdata"])
+@pytest.mark.parametrize("fmt", ["megatron", "olmo", "nemo", "mds", "litdata", "llamafactory"])
 def test_interrupted_export_resumes_to_the_same_bytes(fmt, built, tmp_path, monkeypatch):
     clean = export_fast(built, fmt, tmp_path / "clean")
     mod = exports.writer(fmt)
@@ -284,6 +375,32 @@ def test_rows_are_zero_copy_views_of_the_shard(built):
     assert np.shares_memory(values, np.frombuffer(list_array.values.buffers()[1], np.int32))
     shard = shard_files(built)[0]
     assert sum(len(r.row_offsets) - 1 for r in exports.iter_rows(shard)) == open_shard(shard).num_rows
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_append_copies_shard_ranges_or_writes(built, expected, tmp_path, monkeypatch, kernel_copy):
+    """megatron/olmo output bytes through `append`: file ranges of the shard handed to copy_file_range, or (another
+    filesystem) plain writes; both give the shard's own bytes. int32 ids (a vocabulary >= 65,500) are ranges too."""
+    import os
+
+    from packprep.exports import megatron
+
+    calls = []
+    real = os.copy_file_range
+
+    def copy_range(*args):
+        calls.append(args[2])
+        if not kernel_copy:
+            raise OSError(18, "Invalid cross-device link")
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_range)
+    monkeypatch.setattr(megatron, "token_dtype", lambda vocab_size: np.dtype(np.int32))
+    export_fast(built, "megatron", tmp_path / "m")
+    ids = np.fromfile(tmp_path / "m" / "packprep_text_document.bin", np.int32)
+    mask = np.fromfile(tmp_path / "m" / "packprep_loss_mask_document.bin", np.uint8)
+    assert ids.tolist() == expected["tokens"].tolist() and mask.tolist() == expected["mask"].tolist()
+    assert sum(calls) >= ids.nbytes + mask.nbytes  # every byte was offered to the kernel copy first
 
 
 def test_cli_export(built, tmp_path):

@@ -2,7 +2,8 @@
 endpoint from the standard AWS_* environment. Inputs are read from the bucket (a glob over compressed and plain
 files), the build is written to the bucket, killed mid-upload and resumed to the same bytes, verified and inspected
 remotely, and opened by datasets through fsspec; a Ray build whose tasks run "elsewhere" (their own spool folder,
-outputs shipped back through Ray) writes the same bytes."""
+outputs shipped back through Ray) writes the same bytes. `packprep export` reads a remote build and publishes to a
+remote --out (export.json last), resuming an interrupted upload."""
 
 from __future__ import annotations
 
@@ -216,3 +217,77 @@ def test_ray_without_a_shared_filesystem(s3, reference, tmp_path, monkeypatch):
     assert (shipped / "tokenizer" / "tokenizer.json").is_file()  # the tasks ran on their own copy of the tokenizer
     assert shipped.is_dir() and not list((shipped / "spool").iterdir())  # and their spool files were shipped away
     shutil.rmtree(shipped)
+
+
+@pytest.fixture(scope="module")
+def remote_build(s3, tmp_path_factory) -> str:
+    url = "s3://corp/builds/for-export"
+    build(BuildConfig(inputs=("s3://corp/in/*.jsonl*",), out=url, workers=1,
+                      work_dir=str(tmp_path_factory.mktemp("work")), **SETTINGS))
+    return url
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "mds"])
+def test_export_from_and_to_s3(fmt, s3, remote_build, tmp_path):
+    """`packprep export s3://... --out s3://...`: the same files as a local export of the staged build, export.json
+    last, a rerun answered from the remote manifest, another export refused unless --overwrite."""
+    from packprep.exports import MANIFEST, export
+    from packprep.remote import EXPORT_IDENTITY
+
+    fs, _ = s3
+    local = export(stage(remote_build, tmp_path / "staged"), fmt, tmp_path / "local", fsync=False)
+    url = f"s3://corp/exports/{fmt}"
+    lines = []
+    m = export(remote_build, fmt, url, fsync=False, work_dir=tmp_path / "work", echo=lines.append)
+    assert m["source"] == remote_build and m["files"] == local["files"] and lines[-1] == f"published to {url}"
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(url)}
+    assert names == {*local["files"], MANIFEST} and EXPORT_IDENTITY not in names
+    for name in local["files"]:
+        assert fs.cat_file(f"{url}/{name}") == (tmp_path / "local" / name).read_bytes(), name
+    assert json.loads(fs.cat_file(f"{url}/{MANIFEST}")) == m
+    lines.clear()
+    assert export(remote_build, fmt, url, echo=lines.append) == m and lines == [f"{url} already holds this export"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(remote_build, "olmo", url)
+    assert export(remote_build, "olmo", url, fsync=False, overwrite=True)["format"] == "olmo"
+    assert not [n for n in fs.ls(url) if n.endswith((".bin", ".idx", ".mds"))]  # the other export is gone
+
+
+def test_export_publish_interrupted_resumes(s3, remote_build, tmp_path, monkeypatch):
+    """A publish that dies after some uploads leaves no export.json; the rerun sends only what is missing."""
+    from packprep import remote
+    from packprep.exports import MANIFEST, export
+    from packprep.remote import EXPORT_IDENTITY
+
+    fs, _ = s3
+    url, sent, real = "s3://corp/exports/killed", [], remote.Uploader._put
+
+    def dying_put(self, name):  # uploads run in 4 threads: which ones get through is fixed by name
+        if name not in ("token_ids_part_0000.npy", "labels_mask_part_0000.npy"):
+            raise ConnectionError("network gone")
+        sent.append(name)
+        real(self, name)
+
+    monkeypatch.setattr(remote.Uploader, "_put", dying_put)
+    with pytest.raises(ConnectionError):
+        export(remote_build, "olmo", url, fsync=False, work_dir=tmp_path / "work")
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(url)}
+    assert EXPORT_IDENTITY in names and MANIFEST not in names and len(names) == 3
+    first = list(sent)
+    sent.clear()
+    monkeypatch.setattr(remote.Uploader, "_put", lambda self, name: (sent.append(name), real(self, name)))
+    m = export(remote_build, "olmo", url, fsync=False, work_dir=tmp_path / "work")
+    assert not set(first) & set(sent) and sent[-1] == MANIFEST  # nothing sent twice; the manifest last
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(url)} == {*m["files"], MANIFEST}
+
+
+def test_cli_export_remote_build(s3, remote_build, tmp_path):
+    from typer.testing import CliRunner
+
+    from packprep.cli import app
+
+    r = CliRunner().invoke(app, ["export", remote_build, "--to", "litdata", "--out", str(tmp_path / "lit")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "lit" / "export.json").read_text())["source"] == remote_build
+    r = CliRunner().invoke(app, ["export", "s3://corp/builds/none", "--to", "olmo", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "no packprep.json" in r.output and "Traceback" not in r.output

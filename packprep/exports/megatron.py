@@ -10,8 +10,9 @@ tokens, without the padding: Megatron's GPTDataset concatenates documents, so pe
 to it). When the build has a loss mask (prompt/response data), it is
 written as a parallel indexed dataset `PREFIX_loss_mask_document` (uint8, the same lengths and documents):
 Megatron-Core's `GPTDataset` does not read it (it trains on every token), it is there for SFT datasets that do.
-Cost: one copy of the tokens (a dtype cast for uint16) plus the mask bytes; the `.bin` is appended shard by shard
-(resumable by truncating to the last recorded size), the `.idx` written at the end.
+Cost: the ids and mask are file ranges of the shards, copied by the kernel (`exports.append`; uint16 ids are first
+cast into a reused buffer, then written); the `.bin` is appended shard by shard (resumable by truncating to the last
+recorded size), the `.idx` written at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packprep.exports import WORK, cast_ids, real_tokens, save_array
+from packprep.exports import WORK, append, cast_ids, real_tokens, save_array
 from packprep.shards import atomic_file, fsync_dir
 
 VERSION = 1
@@ -44,7 +45,7 @@ def start(out: Path, info, prefix: str = "packprep") -> dict:
 
 def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
     work = out / WORK
-    files = {k: open(_partial(work, k), "r+b" if state["bytes"][k] else "wb") for k in state["keys"]}
+    files = {k: open(_partial(work, k), "r+b" if state["bytes"][k] else "wb", buffering=0) for k in state["keys"]}
     lengths, scratch = [], []
     try:
         for k, f in files.items():
@@ -52,9 +53,9 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
                 f.truncate(state["bytes"][k])  # drop what an interrupted run appended after the last recorded part
             f.seek(state["bytes"][k])
         for rows in batches:
-            files["text"].write(memoryview(cast_ids(rows.tokens, state["keys"]["text"], scratch)).cast("B"))
+            append(files["text"], cast_ids(rows.tokens, state["keys"]["text"], scratch), rows.file)
             if "loss_mask" in files:
-                files["loss_mask"].write(memoryview(rows.loss_mask).cast("B"))
+                append(files["loss_mask"], rows.loss_mask, rows.file)
             lengths.append(rows.doc_lengths)
         for k, f in files.items():
             f.flush()

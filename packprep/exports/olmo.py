@@ -8,8 +8,9 @@
 OLMo-core's `NumpyPackedFSLDataset` (and `iter_document_indices`) read the `.csv.gz` boundaries instead of searching
 the tokens for EOS when `use_array_if_local=False` (or `OLMO_DATA_PREP_USE_ARRAY_IF_LOCAL=false`), so a text that
 contains the EOS token is not split. Documents are packprep's pieces in shard row order; OLMo-core packs them into
-its own instances (OBFD). Cost: one copy of the tokens (a dtype cast for uint16) and of the mask, plus the gzip of
-the boundaries (about 10 bytes per document).
+its own instances (OBFD). Cost: the ids (uint32) and mask are file ranges of the shards, copied by the kernel
+(`exports.append`; uint16 ids are cast into a reused buffer first), plus the boundaries' text (about 10 bytes per
+document, stored gzip).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from packprep._kernels import boundaries_csv
-from packprep.exports import cast_ids
+from packprep.exports import append, cast_ids
 from packprep.shards import atomic_file
 
 VERSION = 1
@@ -44,8 +45,8 @@ def write_part(index: int, batches, out: Path, state: dict, info) -> dict:
     lengths, tokens, scratch = [], 0, []
     with atomic_file(out / ids_name, fsync=info.fsync) as ids, atomic_file(out / mask_name, fsync=info.fsync) as mask:
         for rows in batches:
-            ids.write(memoryview(cast_ids(rows.tokens, state["dtype"], scratch)).cast("B"))
-            mask.write(memoryview(rows.loss_mask).cast("B"))  # 0/1 bytes are numpy's bool layout
+            append(ids, cast_ids(rows.tokens, state["dtype"], scratch), rows.file)
+            append(mask, rows.loss_mask, rows.file)  # 0/1 bytes are numpy's bool layout
             lengths.append(rows.doc_lengths)
             tokens += len(rows.tokens)
     lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
