@@ -205,84 +205,6 @@ def stage(url: str, cache: str | Path | None = None) -> Path:
     return local
 
 
-# ---------------------------------------------------------------------------------------------------- Ray, no shared fs
-
-
-@dataclass(frozen=True)
-class Shipped:
-    """A tokenize context for Ray nodes that do not share the driver's disk: the tokenizer's files travel with it,
-    and a task run on another host spools to a folder of its own and returns its spool files to the driver (Ray's
-    object store carries them, ~5 bytes per token); `receive` puts them in the driver's spool. Write tasks then run
-    on the driver's host, so no node needs the driver's work folder."""
-
-    ctx: object  # tokenizer.TokenizeContext
-    host: str
-    tokenizer_files: dict
-
-    @classmethod
-    def of(cls, ctx) -> Shipped:
-        files = {p.name: p.read_bytes() for p in Path(ctx.tokenizer).iterdir() if p.is_file()}
-        return cls(ctx, socket.gethostname(), files)
-
-
-def shipped_tokenize(task, shipped: Shipped):
-    """tokenize_task on any node: (its result, None) on the driver's host, else (result, {file name: bytes})."""
-    from packprep import spool
-    from packprep.tokenizer import tokenize_task
-
-    if socket.gethostname() == shipped.host and not os.environ.get("PACKPREP_TEST_SHIP"):
-        return tokenize_task(task, shipped.ctx), None
-    key = hashlib.sha256(f"{shipped.host}:{shipped.ctx.spool}".encode()).hexdigest()[:16]
-    here = Path(tempfile.gettempdir()) / "packprep-ship" / key
-    tok = here / "tokenizer"
-    if not (tok / "done").exists():  # the tokenizer's files, written once per node
-        tok.mkdir(parents=True, exist_ok=True)
-        for name, data in shipped.tokenizer_files.items():
-            (tok / name).write_bytes(data)
-        (tok / "done").touch()
-    folder = here / "spool"
-    folder.mkdir(parents=True, exist_ok=True)
-    result = tokenize_task(task, replace(shipped.ctx, tokenizer=str(tok), spool=str(folder)))
-    files = {}
-    for p in spool.paths(folder, task.index).values():
-        if p.exists():
-            files[p.name] = p.read_bytes()
-            p.unlink()
-    return result, files
-
-
-def receive(shipped_result, spool_dir: Path):
-    """The driver's side of `shipped_tokenize`: write returned spool files (the marker last), return the result."""
-    from packprep.shards import atomic_file
-
-    result, files = shipped_result
-    for name in sorted(files or {}, key=lambda n: n.endswith(".done.json")):
-        with atomic_file(Path(spool_dir) / name) as f:
-            f.write(files[name])
-    return result
-
-
-def publish(uploader: Uploader, out: Path, manifest: dict) -> None:
-    """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
-    with uploader:
-        for s in manifest["shards"]:
-            uploader.shard(s)
-        uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
-
-
-def clean_local(out: Path, work_dir: str | None) -> None:
-    """A published build's local copy goes: the default work folder whole, a --work-dir's build files."""
-    if not work_dir:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    from packprep import workdir
-
-    workdir.finish(out)
-    for p in [*out.glob("data-*-of-*.arrow"), *(out / n for n in ("state.json", "dataset_info.json", MANIFEST,
-                                                                  "rejects.jsonl"))]:
-        p.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------------- packprep export
 
 EXPORT_IDENTITY = ".packprep-export.json"  # on a remote export's prefix until its manifest is up
@@ -384,7 +306,7 @@ def publish(uploader: Uploader, out: Path, manifest: dict) -> None:
     """The remote output's last steps: every shard up (those already there are skipped), metadata, manifest last."""
     with uploader:
         for s in manifest["shards"]:
-            uploader.shard(s["file"])
+            uploader.shard(s)
         uploader.finish([n for n in ("rejects.jsonl", "dataset_info.json", "state.json") if (out / n).is_file()])
 
 
