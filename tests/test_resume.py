@@ -148,7 +148,7 @@ def _fill_disk_at(monkeypatch, shard: int) -> None:
     """The k-th shard write fails with ENOSPC after its schema is written (in-process: workers=1)."""
     real, calls = write_mod.write_shard, [0]
 
-    def failing(path, batches):
+    def failing(path, batches, **options):
         calls[0] += 1
 
         def gen():
@@ -156,7 +156,7 @@ def _fill_disk_at(monkeypatch, shard: int) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             yield from batches
 
-        return real(path, gen())
+        return real(path, gen(), **options)
 
     monkeypatch.setattr(write_mod, "write_shard", failing)
 
