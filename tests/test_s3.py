@@ -262,20 +262,21 @@ def test_export_publish_interrupted_resumes(s3, remote_build, tmp_path, monkeypa
     fs, _ = s3
     url, sent, real = "s3://corp/exports/killed", [], remote.Uploader._put
 
-    def dying_put(self, name):  # uploads run in 4 threads: which ones get through is fixed by name
+    def dying_put(self, name, record=None):  # uploads run in 4 threads: which ones get through is fixed by name
         if name not in ("token_ids_part_0000.npy", "labels_mask_part_0000.npy"):
             raise ConnectionError("network gone")
         sent.append(name)
-        real(self, name)
+        real(self, name, record)
 
     monkeypatch.setattr(remote.Uploader, "_put", dying_put)
     with pytest.raises(ConnectionError):
         export(remote_build, "olmo", url, fsync=False, work_dir=tmp_path / "work")
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(url)}
-    assert EXPORT_IDENTITY in names and MANIFEST not in names and len(names) == 3
+    assert {EXPORT_IDENTITY, remote.PROGRESS} <= names and MANIFEST not in names and len(names) == 4
     first = list(sent)
     sent.clear()
-    monkeypatch.setattr(remote.Uploader, "_put", lambda self, name: (sent.append(name), real(self, name)))
+    monkeypatch.setattr(remote.Uploader, "_put", lambda self, name, record=None: (sent.append(name),
+                                                                                   real(self, name, record)))
     m = export(remote_build, "olmo", url, fsync=False, work_dir=tmp_path / "work")
     assert not set(first) & set(sent) and sent[-1] == MANIFEST  # nothing sent twice; the manifest last
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(url)} == {*m["files"], MANIFEST}
