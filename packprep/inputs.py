@@ -298,7 +298,7 @@ def _split_tail(tasks: list[ReadTask], chunk_bytes: int) -> list[ReadTask]:
     tail = []
     for t in tasks[i:]:
         with open_input(t.path) as f:
-            tail += [replace(t, start=a, stop=b) for a, b in jsonl.line_cuts(f, t.start, t.stop, small)]
+            tail += [replace(t, start=a, stop=b) for a, b in jsonl.line_cuts(f, t.start, t.stop, small, t.path)]
     return [replace(t, index=k) for k, t in enumerate(tasks[:i] + tail)]
 
 

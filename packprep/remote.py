@@ -147,7 +147,7 @@ class Uploader:
         self.pending.append(self.pool.submit(self._put, name, have))
 
     def _put(self, name: str, record: dict | None = None) -> None:
-        self.fs.put_file(str(self.local / name), storage.join(self.root, name))
+        self.fs.put_file(str(self.local / name), storage.join(self.root, name), **_parallel_parts(self.fs))
         if record is not None:
             with self.lock:
                 self.done[name] = record
@@ -173,6 +173,13 @@ class Uploader:
                 self.fs.rm_file(storage.join(self.root, n))
             except FileNotFoundError:  # no shard was uploaded: no record
                 pass
+
+
+def _parallel_parts(fs) -> dict:
+    """put_file options that send a large file as concurrent multipart parts where the store's fsspec has them
+    (s3fs: 16 MiB parts, 4 in flight, instead of 50 MiB parts one at a time)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return {"chunksize": 16 << 20, "max_concurrency": 4} if {"s3", "s3a"} & set(protocols) else {}
 
 
 def stage(url: str, cache: str | Path | None = None) -> Path:

@@ -106,6 +106,38 @@ def test_inputs_and_output_on_s3(s3, reference, tmp_path):
     assert stage("s3://corp/builds/one", tmp_path / "cache") == tmp_path / "cache"
 
 
+def test_remote_line_cuts_are_the_local_ones_from_one_round_of_reads(s3, monkeypatch):
+    """Planning a remote JSONL file fetches the bytes after every grid point at once and finds the same cuts as
+    the local file; the file itself is read only where a prefetched block holds no newline."""
+    from packprep.readers import base, jsonl
+
+    fs, local = s3
+    data = (local / "a.jsonl").read_bytes()
+    with base.open_input(local / "a.jsonl") as f:
+        want = jsonl.line_cuts(f, 0, len(data), 997)
+    seeks = []
+
+    class Counting:  # line_cuts reads through seek + read only
+        def __init__(self, f):
+            self.f = f
+
+        def seek(self, pos):
+            seeks.append(pos)
+            return self.f.seek(pos)
+
+        def read(self, n):
+            return self.f.read(n)
+
+    with base.open_input("s3://corp/in/a.jsonl") as f:
+        got = jsonl.line_cuts(Counting(f), 0, len(data), 997, "s3://corp/in/a.jsonl")
+    assert got == want and len(want) > 20
+    assert not seeks  # every cut came from the prefetched blocks (short lines)
+    monkeypatch.setattr(jsonl, "PREFETCH", 4)  # blocks too short to hold a newline: the file is read, same cuts
+    with base.open_input("s3://corp/in/a.jsonl") as f:
+        assert jsonl.line_cuts(Counting(f), 0, len(data), 997, "s3://corp/in/a.jsonl") == want
+    assert len(seeks) == len(want) - 1
+
+
 def test_killed_mid_upload_resumes_to_same_bytes(s3, reference, tmp_path):
     fs, _ = s3
     url, work = "s3://corp/builds/killed", tmp_path / "work"

@@ -10,6 +10,7 @@ STREAM_BLOCK bytes cut at line ends, one part each, so memory holds one block.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from typing import Iterator
@@ -37,7 +38,7 @@ def plan(f: pa.NativeFile, path, chunk_bytes: int) -> tuple[pa.Schema | None, li
     schema = _peek(f, path)
     if schema is None or not f.seekable():  # a stream: its ranges are the compressed file's (inputs.plan_tasks)
         return schema, [(0, 0)] if schema is not None else []
-    return schema, line_cuts(f, 0, f.size(), chunk_bytes)
+    return schema, line_cuts(f, 0, f.size(), chunk_bytes, path)
 
 
 def read(f: pa.NativeFile, task) -> Iterator[Part]:
@@ -84,19 +85,45 @@ def _one_per_line(rows: int, buf: bytes) -> bool:
 _BLANK = re.compile(rb"(?:^|\n)[ \t\r]*\n|\n[ \t\r]+\Z")
 
 
-def line_cuts(f: pa.NativeFile, start: int, stop: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Newline-aligned byte ranges of ~chunk_bytes covering [start, stop) (start is a line start)."""
+def line_cuts(f: pa.NativeFile, start: int, stop: int, chunk_bytes: int, path=None) -> list[tuple[int, int]]:
+    """Newline-aligned byte ranges of ~chunk_bytes covering [start, stop) (start is a line start). For a remote
+    `path`, the bytes after every ~chunk_bytes are fetched first, all at once (the store's concurrent ranged reads),
+    so finding the cuts costs one round trip instead of one per cut; the cuts are the same."""
     cuts = [start]
+    blocks = _prefetch(path, start, stop, chunk_bytes) if path is not None else None
     while cuts[-1] + chunk_bytes < stop:
-        cut = _line_end(f, cuts[-1] + chunk_bytes - 1)  # the line holding byte (cut - 1) ends this chunk
+        cut = _line_end(f, cuts[-1] + chunk_bytes - 1, blocks)  # the line holding byte (cut - 1) ends this chunk
         if cut >= stop:
             break
         cuts.append(cut)
     return list(zip(cuts, cuts[1:] + [stop]))
 
 
-def _line_end(f: pa.NativeFile, pos: int) -> int:
+PREFETCH = 1 << 16  # bytes fetched after each grid point of a remote file: a cut lands past its grid point by at most
+# the line lengths met so far, so a miss (a long line) only falls back to reading through the file
+
+
+def _prefetch(path, start: int, stop: int, chunk_bytes: int) -> tuple[list[int], list[bytes]] | None:
+    """(sorted starts, blocks) of the bytes at start + k * chunk_bytes - 1 of a remote file, fetched concurrently."""
+    from packprep import storage
+
+    if not storage.is_remote(str(path)):
+        return None
+    starts = list(range(start + chunk_bytes - 1, stop, chunk_bytes))
+    if len(starts) < 2:
+        return None
+    fs, p = storage.filesystem(str(path))
+    blocks = fs.cat_ranges([p] * len(starts), starts, [min(s + PREFETCH, stop) for s in starts])
+    return starts, [b if isinstance(b, bytes) else b"" for b in blocks]
+
+
+def _line_end(f: pa.NativeFile, pos: int, blocks=None) -> int:
     """The position just after the first newline at or after pos (the end of the file if there is none)."""
+    if blocks is not None and (i := bisect.bisect_right(blocks[0], pos) - 1) >= 0:
+        at, block = blocks[0][i], blocks[1][i]
+        k = block.find(b"\n", pos - at) if pos - at < len(block) else -1
+        if k >= 0:
+            return at + k + 1
     f.seek(pos)
     while True:
         block = f.read(1 << 16)
