@@ -98,9 +98,8 @@ def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_
                                                              render=chat_renderer(hf, skip=True))), None)
     if docs is not None and len(docs):
         a, b = hf.encode(docs), tt.encode(docs)
-        if not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])):
-            k_tok = int(np.flatnonzero(np.asarray(a[0][: len(b[0])]) != b[0][: len(a[0])])[:1].sum())
-            why = f"auto: tiktoken differs from HF on the first task's sample (token {k_tok}); using HF"
+        if (where := _first_difference(a, b)) is not None:
+            why = f"auto: tiktoken differs from HF on the first task's sample ({where}); using HF"
             cache.write_verdict(k, {"backend": "hf", "why": why})
             return "hf", why + "; checked now", hf
         n = len(a[0])
@@ -108,6 +107,16 @@ def choose_backend(folder: Path, requested: str, tasks: list, special_tokens_in_
     why = f"auto: tiktoken equals HF on the first task's sample ({n} tokens)"
     cache.write_verdict(k, {"backend": "tiktoken", "why": why})
     return "tiktoken", why + "; checked now", tt
+
+
+def _first_difference(a, b) -> str | None:
+    """Where two encodings (ids, mask, lengths) of the same documents first differ, or None when they agree."""
+    for name, x, y in (("lengths", a[2], b[2]), ("ids", a[0], b[0]), ("loss masks", a[1], b[1])):
+        if not np.array_equal(x, y):
+            n = min(len(x), len(y))
+            at = np.flatnonzero(np.asarray(x[:n]) != np.asarray(y[:n]))
+            return f"{name} differ at {'document' if name == 'lengths' else 'token'} {int(at[0]) if len(at) else n}"
+    return None
 
 
 def _records_hash(docs) -> str | None:

@@ -167,3 +167,14 @@ def test_zoo_families(zoo_root, family):
     for special in (False, True):
         assert fast.encode_batch(chats, add_special_tokens=special) == hf_ids(hf, chats, special)
     assert tok(chats[:3]).input_ids == fast.encode_batch(chats[:3], add_special_tokens=True)
+
+
+def test_auto_names_where_the_backends_first_differ():
+    """The auto check's fallback line says which of lengths, ids or mask differ first, and where."""
+    from packprep.backend import _first_difference
+
+    ids, mask, lens = np.array([5, 6, 2, 7, 2]), np.array([0, 1, 1, 1, 1]), np.array([3, 2])
+    assert _first_difference((ids, mask, lens), (ids.copy(), mask.copy(), lens.copy())) is None
+    assert _first_difference((ids, mask, lens), (np.array([5, 6, 2, 8, 2]), mask, lens)) == "ids differ at token 3"
+    assert _first_difference((ids, mask, lens), (ids, np.array([1, 1, 1, 1, 1]), lens)) == "loss masks differ at token 0"
+    assert _first_difference((ids, mask, lens), (ids[:4], mask[:4], np.array([3, 1]))) == "lengths differ at document 1"
